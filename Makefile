@@ -1,0 +1,36 @@
+# Two commands on a fresh machine:  make demo   and   make test
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test bench fashion-mnist clean
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3 setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.lock pytest==9.2.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST comes from Debian's package dataset-fashion-mnist when no data directory holds it.
+fashion-mnist:
+	@if [ -z "$$SLIMCART_DATA_DIR" ] && [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	  else echo "Fashion-MNIST: run 'sudo apt-get install dataset-fashion-mnist' or set SLIMCART_DATA_DIR"; fi; \
+	fi
+
+demo: install fashion-mnist
+	$(VENV)/bin/slimcart demo --out runs/demo --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install fashion-mnist
+	$(PY) benchmarks/run.py --out BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Measurement in the runtime that serves the model: latency, size, memory, metric."""

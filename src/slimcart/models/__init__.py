@@ -1,0 +1,3 @@
+"""Model architectures, registered by name so a saved spec rebuilds them without pickle."""
+from .registry import build, register_model, spec  # noqa: F401
+from . import cnn, deepfm, text_classifier  # noqa: F401,E402  (registration)

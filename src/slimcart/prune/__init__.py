@@ -1,0 +1,2 @@
+"""Pruning techniques."""
+from . import magnitude  # noqa: F401

@@ -1,0 +1,2 @@
+"""Quantization techniques."""
+from . import dynamic, ort  # noqa: F401

@@ -1,0 +1,65 @@
+"""Dynamic INT8 quantization of an exported ONNX graph with ONNX Runtime's quantizer."""
+from __future__ import annotations
+
+import collections
+import logging
+
+import onnx
+
+from ..errors import ModelError
+from ..registry import ONNX, TechniqueConfig, register
+from ..stage import ModelState, StageContext, StageReport
+
+SUPPORTED = ("MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLayerNormalization")
+
+
+class OrtInt8DynamicConfig(TechniqueConfig):
+    per_channel: bool = True
+    reduce_range: bool = False
+    weight_type: str = "int8"          # int8 | uint8
+    op_types: list[str] = ["MatMul", "Gemm", "Gather"]
+    preprocess: bool = True            # ONNX Runtime's shape inference + graph clean-up first
+
+    def model_post_init(self, _ctx) -> None:
+        if self.weight_type not in ("int8", "uint8"):
+            raise ValueError("weight_type must be int8 or uint8")
+        bad = [o for o in self.op_types if o not in SUPPORTED]
+        if bad:
+            raise ValueError(f"op types {bad} cannot be dynamically quantized; choose from {list(SUPPORTED)}")
+
+
+@register("ort_int8_dynamic", OrtInt8DynamicConfig, accepts=(ONNX,),
+          summary="dynamic INT8 of the ONNX graph (ONNX Runtime quantizer)")
+def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageContext) -> StageReport:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    report = StageReport("ort_int8_dynamic", cfg.model_dump())
+    src = state.require_onnx()
+    if cfg.preprocess:
+        pre = ctx.path("preprocessed.onnx")
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        src = pre
+    out = ctx.path("int8.onnx")
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(str(src), str(out), per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                         weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
+                         op_types_to_quantize=list(cfg.op_types))
+    except Exception as exc:  # the quantizer raises bare exceptions on graphs it cannot handle
+        raise ModelError(f"ONNX Runtime's dynamic quantizer failed on {src.name}: {exc}") from None
+    before = {n.name: n.op_type for n in onnx.load(str(src)).graph.node}
+    after = onnx.load(str(out)).graph
+    quantized = {n.name.removesuffix("_quant") for n in after.node
+                 if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized")
+                 or (n.op_type == "Gather" and any(i.endswith("_quantized") for i in n.input))}
+    for name, op in before.items():
+        if op in cfg.op_types:
+            if name in quantized:
+                report.changed[name] = f"{op} -> int8 weights"
+            else:
+                report.skipped[name] = f"{op}: left in float by the quantizer (no constant weight input)"
+    counts = collections.Counter(n.op_type for n in after.node)
+    report.stats = {"ops_after": dict(counts)}
+    state.onnx_path = out
+    return report

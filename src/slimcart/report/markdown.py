@@ -1,0 +1,294 @@
+"""The report's content as a list of blocks (shared by the Markdown and HTML writers),
+the summary table, and the Markdown rendering."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ..result import Result, Variant
+
+DASH = "—"
+MB = 1_000_000
+
+
+@dataclass
+class Heading:
+    level: int
+    text: str
+
+
+@dataclass
+class Para:
+    text: str
+    label: str = ""
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Pre:
+    lines: list[str]
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Image:
+    alt: str
+    name: str
+
+
+Block = Union[Heading, Para, Table, Pre, Bullets, Image]
+
+
+# -- number formatting -------------------------------------------------------------------
+
+def fmt_num(v: Any, digits: int = 4) -> str:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if v != 0 and abs(v) < 10 ** -(digits - 1):
+        return f"{v:.2e}"
+    return f"{v:.{digits}f}"
+
+
+def fmt_ms(v: float) -> str:
+    return f"{v:.3g}" if 0 < v < 0.01 else f"{v:.2f}"
+
+
+def fmt_mb(size_bytes: int) -> str:
+    return f"{size_bytes / MB:.2f}"
+
+
+def fmt_x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def fmt_pts(delta: float) -> str:
+    return f"{delta * 100:+.2f}"
+
+
+def fmt_rate(v: float) -> str:
+    return f"{v:,.0f}" if v >= 100 else f"{v:.1f}"
+
+
+def fmt_value(v: Any) -> str:
+    if isinstance(v, (dict, list)):
+        return json.dumps(v, sort_keys=True, default=str)
+    return fmt_num(v)
+
+
+def fmt_kv(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={fmt_value(v)}" for k, v in d.items()) or DASH
+
+
+# -- ordering helpers --------------------------------------------------------------------
+
+def batch_key(b: str) -> tuple:
+    return (0, int(b), "") if b.isdigit() else (1, 0, b)
+
+
+def runtimes(result: Result) -> list[str]:
+    """Runtimes in order of first appearance (baseline first)."""
+    seen: list[str] = []
+    for v in result.variant_rows():
+        seen += [rt for rt in v.latency_ms if rt not in seen]
+    return seen
+
+
+def runtime_batches(result: Result) -> list[tuple[str, str]]:
+    pairs = []
+    for rt in runtimes(result):
+        batches = {b for v in result.variant_rows() for b in v.latency_ms.get(rt, {})}
+        pairs += [(rt, b) for b in sorted(batches, key=batch_key)]
+    return pairs
+
+
+def primary_metric(result: Result) -> str:
+    if result.primary_metric:
+        return result.primary_metric
+    return next(iter(result.baseline.metrics), "")
+
+
+def speedup(result: Result, v: Variant, rt: str, b: str) -> float | None:
+    """The stored speedup, or baseline p50 / variant p50 when it was not stored."""
+    stored = v.speedup_vs_baseline.get(rt, {}).get(b)
+    if stored is not None:
+        return stored
+    base = result.baseline.latency_ms.get(rt, {}).get(b)
+    mine = v.latency_ms.get(rt, {}).get(b)
+    if base is None or mine is None or mine.p50 <= 0:
+        return None
+    return base.p50 / mine.p50
+
+
+# -- content -----------------------------------------------------------------------------
+
+def summary_table(result: Result) -> list[dict[str, str]]:
+    """One row per model with formatted cells; every row has the same keys."""
+    metric = primary_metric(result)
+    base_val = result.baseline.metrics.get(metric)
+    rows = []
+    for v in result.variant_rows():
+        val = v.metrics.get(metric)
+        row = {"Variant": v.name, "Format": v.format, "Size (MB)": fmt_mb(v.size_bytes),
+               "Compression": fmt_x(v.compression_ratio)}
+        if metric:
+            row[metric] = DASH if val is None else fmt_num(val)
+            delta = DASH if v is result.baseline or val is None or base_val is None \
+                else fmt_pts(val - base_val)
+            row[f"Δ {metric} (pts)"] = delta
+        for rt, b in runtime_batches(result):
+            p = v.latency_ms.get(rt, {}).get(b)
+            cell = DASH
+            if p is not None:
+                cell = fmt_ms(p.p50)
+                s = speedup(result, v, rt, b)
+                if v is not result.baseline and s is not None:
+                    cell += f" ({fmt_x(s)})"
+            row[f"p50 ms {rt} b={b}"] = cell
+        rows.append(row)
+    return rows
+
+
+def _latency_table(result: Result) -> Table:
+    headers = ["Variant", "Runtime", "Batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "runs",
+               "samples/s", "Speedup"]
+    rows = []
+    for v in result.variant_rows():
+        for rt in v.latency_ms:
+            for b in sorted(v.latency_ms[rt], key=batch_key):
+                p = v.latency_ms[rt][b]
+                tp = v.throughput.get(rt, {}).get(b)
+                s = speedup(result, v, rt, b)
+                rows.append([v.name, rt, b, fmt_ms(p.p50), fmt_ms(p.p95), fmt_ms(p.p99),
+                             DASH if p.mean is None else fmt_ms(p.mean),
+                             DASH if p.runs is None else str(p.runs),
+                             DASH if tp is None else fmt_rate(tp),
+                             DASH if s is None else fmt_x(s)])
+    return Table(headers, rows)
+
+
+def _keyed_table(result: Result, attr: str, fmt, first: str = "Variant") -> Table | None:
+    """A variant x key table of a dict attribute; None when no variant has any value."""
+    keys: list[str] = []
+    for v in result.variant_rows():
+        keys += [k for k in getattr(v, attr) if k not in keys]
+    if not keys:
+        return None
+    rows = [[v.name] + [fmt(getattr(v, attr)[k]) if k in getattr(v, attr) else DASH
+                        for k in keys] for v in result.variant_rows()]
+    return Table([first] + keys, rows)
+
+
+def _metrics_table(result: Result) -> Table:
+    base = result.baseline.metrics
+    keys = list(dict.fromkeys(k for v in result.variant_rows() for k in v.metrics))
+    headers = ["Variant"] + [h for k in keys for h in (k, f"Δ {k} (pts)")]
+    rows = []
+    for v in result.variant_rows():
+        row = [v.name]
+        for k in keys:
+            val = v.metrics.get(k)
+            row.append(DASH if val is None else fmt_num(val))
+            same = v is result.baseline or val is None or k not in base
+            row.append(DASH if same else fmt_pts(val - base[k]))
+        rows.append(row)
+    return Table(headers, rows)
+
+
+def _layer_lines(layers: Any) -> list[str]:
+    if isinstance(layers, dict):
+        return [f"{name}: {why}" for name, why in layers.items()]
+    return [str(x) for x in (layers or [])]
+
+
+def _variant_blocks(v: Variant, is_baseline: bool) -> list[Block]:
+    title = f"{v.name} (baseline)" if is_baseline and v.name != "baseline" else v.name
+    blocks: list[Block] = [Heading(3, title),
+                           Para(f"{v.recipe or DASH}; format {v.format}; artifact {v.artifact}",
+                                "Recipe:")]
+    if not v.stages and not is_baseline:
+        blocks.append(Para("none recorded", "Stages:"))
+    for i, st in enumerate(v.stages, 1):
+        secs = st.get("seconds")
+        when = f" ({secs:.2f} s)" if isinstance(secs, (int, float)) else ""
+        blocks.append(Heading(4, f"Stage {i}: {st.get('technique', '?')}{when}"))
+        blocks.append(Para(fmt_kv(st.get("config") or {}), "Config:"))
+        blocks.append(Para(fmt_kv(st.get("stats") or {}), "Stats:"))
+        for key, label in (("changed", "Changed"), ("skipped", "Skipped")):
+            lines = _layer_lines(st.get(key))
+            blocks.append(Para("" if lines else "none", f"{label} layers ({len(lines)}):"))
+            if lines:
+                blocks.append(Pre(lines))
+    if v.notes:
+        blocks += [Para("", "Notes:"), Bullets(list(v.notes))]
+    return blocks
+
+
+def build_blocks(result: Result) -> list[Block]:
+    metric = primary_metric(result)
+    summary = summary_table(result)
+    blocks: list[Block] = [
+        Heading(1, f"slimcart report: {result.task} on {result.dataset}"),
+        Para(f"task {result.task}; dataset {result.dataset}; threads {result.threads}; "
+             f"primary metric {metric or DASH}" + (f"; created {result.created}"
+                                                   if result.created else ""), "Run:"),
+        Heading(2, "Summary"),
+        Para("MB = 10^6 bytes on disk. Deltas are in points (x100) against the baseline. "
+             "Latency cells show p50 in ms and the speedup over the baseline in the same "
+             "runtime and batch size.", "Note:"),
+        Table(list(summary[0]), [list(r.values()) for r in summary]),
+        Image("Metric vs latency (Pareto front)", "pareto.png"),
+        Heading(2, "Metrics"), _metrics_table(result),
+        Heading(2, "Latency and throughput"), _latency_table(result),
+        Heading(2, "Agreement with baseline"),
+    ]
+    agreement = _keyed_table(result, "agreement", fmt_num)
+    blocks.append(agreement or Para("not measured"))
+    memory = _keyed_table(result, "peak_memory_mb", lambda x: f"{x:.1f}")
+    if memory is not None:
+        blocks += [Heading(2, "Peak memory (MB, serving process RSS)"), memory]
+    blocks.append(Heading(2, "Variants"))
+    for v in result.variant_rows():
+        blocks += _variant_blocks(v, v is result.baseline)
+    blocks.append(Heading(2, "Environment"))
+    env = [[str(k), fmt_value(val)] for k, val in result.environment.items()]
+    blocks.append(Table(["Key", "Value"], env) if env else Para("not recorded"))
+    return blocks
+
+
+# -- Markdown ----------------------------------------------------------------------------
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md(block: Block) -> str:
+    if isinstance(block, Heading):
+        return f"{'#' * block.level} {block.text}"
+    if isinstance(block, Para):
+        return f"**{block.label}** {block.text}".rstrip() if block.label else block.text
+    if isinstance(block, Table):
+        lines = ["| " + " | ".join(_cell(h) for h in block.headers) + " |",
+                 "|" + "|".join("---" for _ in block.headers) + "|"]
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in block.rows]
+        return "\n".join(lines)
+    if isinstance(block, Pre):
+        return "```text\n" + "\n".join(block.lines) + "\n```"
+    if isinstance(block, Bullets):
+        return "\n".join(f"- {item}" for item in block.items)
+    return f"![{block.alt}]({block.name})"
+
+
+def to_markdown(result: Result) -> str:
+    return "\n\n".join(_md(b) for b in build_blocks(result)) + "\n"

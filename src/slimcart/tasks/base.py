@@ -1,0 +1,187 @@
+"""A task: data splits + baseline model + metric + example inputs, for one workload."""
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+Inputs = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class Split:
+    inputs: Inputs
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, idx: torch.Tensor | np.ndarray) -> "Split":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Split(tuple(t[idx] for t in self.inputs), self.labels[idx])
+
+
+class TrainConfig(BaseModel):
+    """Fine-tuning / training budget. ``epochs`` may be fractional."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
+    max_steps: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+
+@dataclass
+class Task(ABC):
+    """Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    metric_names: ClassVar[tuple[str, ...]]
+    primary_metric: ClassVar[str]
+    input_names: ClassVar[tuple[str, ...]]
+    higher_is_better: ClassVar[bool] = True
+
+    dataset: str
+    splits: dict[str, Split]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    # ---- model ---------------------------------------------------------------------
+    @abstractmethod
+    def build_baseline(self, seed: int = 0) -> tuple[torch.nn.Module, dict[str, Any]]:
+        """A fresh (or pretrained-init) baseline and the spec that rebuilds it."""
+
+    @abstractmethod
+    def train_config(self, budget: str = "full") -> TrainConfig:
+        """The training budget: 'full' for the stated metric, 'demo' for a quick run."""
+
+    @abstractmethod
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def metrics(self, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]: ...
+
+    @abstractmethod
+    def agreement(self, baseline: np.ndarray, other: np.ndarray) -> dict[str, float]:
+        """How close a variant's outputs are to the baseline's on the same rows."""
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {n: {0: "batch"} for n in self.input_names}
+        axes["logits"] = {0: "batch"}
+        return axes
+
+    def collate(self, inputs: Inputs) -> Inputs:
+        """Per-batch preparation (e.g. trimming padding); identity by default."""
+        return inputs
+
+    def param_groups(self, model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+
+    # ---- data ----------------------------------------------------------------------
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                limit: int | None = None) -> Iterator[tuple[Inputs, torch.Tensor]]:
+        data = self.splits[split]
+        n = len(data) if limit is None else min(limit, len(data))
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n] \
+            if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            yield self.collate(tuple(t[idx] for t in data.inputs)), data.labels[idx]
+
+    def example_inputs(self, batch_size: int, split: str = "test") -> Inputs:
+        """A real batch from the data (rows repeat if the split is smaller)."""
+        data = self.splits[split]
+        idx = torch.arange(batch_size) % len(data)
+        return self.collate(tuple(t[idx] for t in data.inputs))
+
+    def labels(self, split: str = "test", limit: int | None = None) -> np.ndarray:
+        y = self.splits[split].labels
+        return (y if limit is None else y[:limit]).numpy()
+
+    # ---- running -------------------------------------------------------------------
+    def predict(self, fn: Callable[[Inputs], np.ndarray], split: str = "test",
+                limit: int | None = None, batch_size: int = 256) -> np.ndarray:
+        outs = [fn(x) for x, _ in self.batches(split, batch_size, limit=limit)]
+        return np.concatenate(outs, axis=0)
+
+    def evaluate(self, model: torch.nn.Module, split: str = "test",
+                 limit: int | None = None) -> dict[str, float]:
+        model.eval()
+
+        def fn(x: Inputs) -> np.ndarray:
+            with torch.inference_mode():
+                return model(*x).float().numpy()
+
+        return self.metrics(self.predict(fn, split, limit), self.labels(split, limit))
+
+    def train_model(self, model: torch.nn.Module, cfg: TrainConfig, *, progress: bool = True,
+                    after_step: Callable[[torch.nn.Module], None] | None = None,
+                    desc: str = "train") -> dict[str, Any]:
+        """Train in place (AdamW, linear warm-up then linear decay), then score the
+        validation split. ``after_step`` runs after each optimizer step (e.g. to re-apply
+        pruning masks)."""
+        torch.manual_seed(cfg.seed)
+        n = len(self.splits["train"])
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        total = math.ceil(cfg.epochs * steps_per_epoch)
+        if cfg.max_steps:
+            total = min(total, cfg.max_steps)
+        opt = torch.optim.AdamW(self.param_groups(model, cfg), weight_decay=cfg.weight_decay)
+        warm = int(cfg.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        model.train()
+        step, t0, losses = 0, time.perf_counter(), []
+        bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+        epoch = 0
+        while step < total:
+            for x, y in self.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
+                loss = self.loss(model(*x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step(model)
+                losses.append(float(loss))
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+                if step >= total:
+                    break
+            epoch += 1
+        bar.close()
+        model.eval()
+        val = self.evaluate(model, "val")
+        return {"steps": step, "epochs": round(step / steps_per_epoch, 3),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "final_loss": float(np.mean(losses[-50:])) if losses else None, "val": val}
+
+    def train_baseline(self, budget: str = "full", *, seed: int = 0, progress: bool = True,
+                       config: TrainConfig | None = None) -> torch.nn.Module:
+        """Build and train the baseline. The returned module carries its architecture spec
+        (``slimcart_spec``) and training record (``slimcart_training``)."""
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        model, spec = self.build_baseline(seed)
+        cfg = config or self.train_config(budget).model_copy(update={"seed": seed})
+        record = self.train_model(model, cfg, progress=progress, desc=f"train {self.name}")
+        record["test"] = self.evaluate(model, "test")
+        record["config"] = cfg.model_dump()
+        model.slimcart_spec = spec
+        model.slimcart_training = record
+        return model
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": self.name, "dataset": self.dataset,
+                "rows": {k: len(v) for k, v in self.splits.items()}, **self.info}
