@@ -25,7 +25,9 @@ WEIGHTS = {TORCH: "model.safetensors", TORCH_INT8: "model.safetensors", ONNX: "m
 def save(state: ModelState, folder: Path, *, task: dict[str, Any], examples: tuple[torch.Tensor, ...],
          input_names: tuple[str, ...], stages: list[dict[str, Any]] | None = None) -> Path:
     """Write ``state`` into the new folder ``folder``."""
-    folder.mkdir(parents=True, exist_ok=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise ModelError(f"{folder} is not empty; a model is saved into a new folder.")
     weights = folder / WEIGHTS[state.format]
     if state.format == TORCH:
         tensors = {k: v.detach().contiguous() for k, v in state.torch_model.state_dict().items()}

@@ -34,7 +34,7 @@ def interleaved(cases: dict[tuple, tuple[Callable, object, int]], rounds: int, w
         for _ in range(warmup):
             fn(x)
     out = {k: Timing([], cases[k][2]) for k in keys}
-    for r in tqdm(range(rounds), desc="timing", disable=not progress, leave=False):
+    for r in tqdm(range(rounds), desc="timing", disable=True if not progress else None, leave=False):
         shift = r % len(keys)
         for k in keys[shift:] + keys[:shift]:
             fn, x, _ = cases[k]

@@ -141,7 +141,7 @@ class Task(ABC):
             opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
         model.train()
         step, t0, losses = 0, time.perf_counter(), []
-        bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, unit="step")
+        bar = tqdm(total=total, desc=desc, disable=True if not progress else None, leave=False, unit="step")
         epoch = 0
         while step < total:
             for x, y in self.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
@@ -153,7 +153,7 @@ class Task(ABC):
                 sched.step()
                 if after_step is not None:
                     after_step(model)
-                losses.append(float(loss))
+                losses.append(loss.item())
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")

@@ -1,0 +1,231 @@
+"""The `slimcart` command: tasks, recipes, techniques, validate, train, compress, bench, demo."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import SlimcartError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
+                  help="Make e-commerce models small and fast, and measure it honestly.\n\n"
+                       "Example: slimcart compress --task ctr --dataset womens-reviews "
+                       "--recipe ctr/onnx-int8 --out runs/ctr")
+out = Console(width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+
+DataDir = typer.Option(None, "--data-dir", help="Folder holding the datasets (default: $SLIMCART_DATA_DIR, then shipped data).")
+TextCol = typer.Option(None, "--text-column", help="intent, table data: the text column.")
+LabelCol = typer.Option(None, "--label-column", help="intent/ctr, table data: the label column.")
+Cat = typer.Option(None, "--categorical", help="ctr, table data: categorical columns, comma-separated.")
+Dense = typer.Option(None, "--dense", help="ctr, table data: dense (numeric) columns, comma-separated.")
+Seed = typer.Option(0, "--seed", help="Seed for splits and training.")
+Overwrite = typer.Option(False, "--overwrite", help="Replace OUT if it exists.")
+Quiet = typer.Option(False, "--quiet", help="No progress bars.")
+
+
+def _csv(value: Optional[str]) -> Optional[list[str]]:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _ints(value: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got {value!r}.") from None
+    if not vals or min(vals) < 1:
+        raise UsageError(f"{flag} needs batch sizes >= 1, got {value!r}.")
+    return vals
+
+
+def _load_task(task, dataset, data_dir, seed, text_column=None, label_column=None, categorical=None, dense=None):
+    from .tasks import load_task
+
+    return load_task(task, dataset, data_dir=data_dir, seed=seed, text_column=text_column,
+                     label_column=label_column, categorical=_csv(categorical), dense=_csv(dense))
+
+
+@app.command()
+def tasks() -> None:
+    """List the tasks and their shipped datasets.
+
+    Example: slimcart tasks
+    """
+    from . import tasks as t
+
+    table = Table("task", "dataset", "what")
+    for name in t.TASKS:
+        table.add_row(name, "", t.SUMMARY[name])
+        for ds, what in t.datasets(name).items():
+            table.add_row("", ds + (" (default)" if ds == t.DEFAULT_DATASET[name] else ""), what)
+    out.print(table)
+
+
+@app.command()
+def recipes() -> None:
+    """List the shipped recipes and the techniques they can use.
+
+    Example: slimcart recipes
+    """
+    from . import registry
+    from .recipe import Recipe, shipped_recipes
+
+    table = Table("recipe", "stages", "description")
+    for key, path in shipped_recipes().items():
+        r = Recipe.load(path)
+        table.add_row(key, " -> ".join(s["type"] for s in r.to_dict()["stages"]), r.description)
+    out.print(table)
+    tech = Table("technique", "works on", "summary")
+    for name, t in registry.techniques().items():
+        tech.add_row(name, "/".join(t.accepts), t.summary)
+    out.print(tech)
+
+
+@app.command()
+def validate(recipe: list[str] = typer.Argument(..., help="Recipe files or shipped names.")) -> None:
+    """Check recipes without running them; every problem is listed with its key path.
+
+    Example: slimcart validate recipes/intent/onnx-int8.yaml
+    """
+    from .errors import RecipeError
+    from .recipe import resolve
+
+    failed = []
+    for r in recipe:
+        try:
+            rec = resolve(r)
+            stages = " -> ".join(s["type"] for s in rec.to_dict()["stages"])
+            out.print(f"[green]ok[/green] {r}: {stages} (ends as a {rec.final_format()} model)")
+        except RecipeError as exc:
+            failed.append(exc)
+            err.print(str(exc), markup=False, highlight=False)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def train(task: str = typer.Option(..., "--task", help="intent, product_image or ctr."),
+          dataset: Optional[str] = typer.Option(None, "--dataset", help="A shipped dataset name or a path."),
+          out_dir: Path = typer.Option(..., "--out", help="New folder for the trained model."),
+          budget: str = typer.Option("full", "--budget", help="full (stated metric) or demo (quick)."),
+          data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
+          label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
+          dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
+    """Train a task's baseline (seeded) and save it as safetensors + a JSON spec.
+
+    Example: slimcart train --task product_image --dataset fashion-mnist --out runs/cnn
+    """
+    from .training import save_trained
+    from .output import check_output
+
+    if budget not in ("full", "demo"):
+        raise UsageError(f"--budget must be 'full' or 'demo', got {budget!r}.")
+    check_output(out_dir, overwrite)
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
+    model = t.train_baseline(budget, seed=seed, progress=not quiet)
+    save_trained(model, t, out_dir, overwrite)
+    rec = model.slimcart_training
+    out.print(f"saved {out_dir}  test: " + ", ".join(f"{k}={v:.4f}" for k, v in rec["test"].items())
+              + f"  ({rec['seconds']} s, {rec['epochs']} epochs)")
+
+
+@app.command()
+def compress(task: str = typer.Option(..., "--task", help="intent, product_image or ctr."),
+             dataset: Optional[str] = typer.Option(None, "--dataset", help="A shipped dataset name or a path."),
+             recipe: list[str] = typer.Option(..., "--recipe", help="Recipe file or shipped name; repeat for more variants."),
+             out_dir: Path = typer.Option(..., "--out", help="New folder for artifacts and the report."),
+             model: Optional[Path] = typer.Option(None, "--model", help="A folder from `slimcart train` (default: train one now)."),
+             budget: str = typer.Option("demo", "--budget", help="Training budget when no --model: full or demo."),
+             batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,32 (overrides the recipe)."),
+             data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
+             label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
+             dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
+    """Apply recipes to a baseline, measure every variant against it, write the report.
+
+    Example: slimcart compress --task intent --dataset bitext --recipe intent/onnx-int8 --out runs/intent
+    """
+    from .output import check_output
+    from .recipe import resolve
+    from .training import load_trained
+    from . import pipeline
+
+    check_output(out_dir, overwrite)
+    recs = [resolve(r) for r in recipe]
+    measure = recs[0].measure
+    if batch_sizes:
+        measure = measure.model_copy(update={"batch_sizes": _ints(batch_sizes, "--batch-sizes")})
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
+    base = load_trained(model, t) if model else t.train_baseline(budget, seed=seed, progress=not quiet)
+    res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet,
+                            baseline_info=getattr(base, "slimcart_training", None))
+    try:
+        res.save(out_dir, overwrite)
+    finally:
+        res.cleanup()
+    _print_summary(res.result)
+    out.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
+def bench(artifact_dir: Path = typer.Argument(..., help="A model folder written by slimcart."),
+          batch_sizes: str = typer.Option("1,32", "--batch-sizes"),
+          rounds: int = typer.Option(30, "--rounds", min=5), threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+    """Measure one saved model alone: size on disk and latency per runtime and batch size.
+
+    Example: slimcart bench runs/ctr/variants/onnx-int8 --batch-sizes 1,64
+    """
+    from .bench import bench_artifact
+
+    rows = bench_artifact(artifact_dir, _ints(batch_sizes, "--batch-sizes"), rounds, threads)
+    table = Table(*rows[0].keys())
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    out.print(table)
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Folder for the three reports."),
+         data_dir: Optional[Path] = DataDir, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
+    """The main job: on each task's shipped default dataset, train a baseline (small budget),
+    apply the default recipes and write the reports; prints one summary table.
+
+    Example: slimcart demo --out runs/demo
+    """
+    from .demo import run_demo
+
+    results = run_demo(out_dir, data_dir=data_dir, overwrite=overwrite, progress=not quiet)
+    for res in results:
+        _print_summary(res)
+    out.print(f"reports: {', '.join(str(out_dir / r.task / 'report.html') for r in results)}")
+
+
+def _print_summary(result) -> None:
+    from .report import summary_table
+
+    rows = summary_table(result)
+    table = Table(*rows[0].keys(), title=f"{result.task} / {result.dataset} ({result.threads} threads)")
+    for r in rows:
+        table.add_row(*(str(v) for v in r.values()))
+    out.print(table)
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except SlimcartError as exc:
+        err.print(f"error: {exc.message}", markup=False, highlight=False)
+        if exc.hint:
+            err.print(exc.hint, markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
