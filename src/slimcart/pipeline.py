@@ -135,19 +135,19 @@ def _compress(model, task, recipes, spec, measure, threads, workdir, progress, b
                for rt in run.runners}
         thr = {rt: {str(b): round(timings[(run.name, rt, b)].throughput(), 2) for b in measure.batch_sizes}
                for rt in run.runners}
-        mem = {}
+        mem, model_mem = {}, {}
         if measure.memory:
             for rt in run.runners:
                 got = peak_rss_mb(run.folder, rt, max(measure.batch_sizes), threads,
                                   getattr(run, "measure_onnx", None) if rt == "onnxruntime" else None)
                 if got:
-                    mem[rt] = got["peak_rss_mb"]
+                    mem[rt], model_mem[rt] = got["peak_rss_mb"], got["model_and_run_mb"]
         variants.append(dict(
             name=run.name, recipe=run.recipe.source if run.recipe else None,
             artifact=str(run.folder.relative_to(arts)), format=artifact.read_meta(run.folder)["format"],
             size_bytes=artifact.size_bytes(run.folder), metrics=task.metrics(outputs[run.name], task.labels("test", measure.eval_limit)),
             latency_ms=lat, throughput=thr, agreement=task.agreement(base_out, outputs[run.name]),
-            peak_memory_mb=mem, stages=[s.to_dict() for s in run.stages], notes=run.notes))
+            peak_memory_mb=mem, model_memory_mb=model_mem, stages=[s.to_dict() for s in run.stages], notes=run.notes))
     b = variants[0]
     for v in variants:
         v["compression_ratio"] = b["size_bytes"] / max(1, v["size_bytes"])

@@ -185,7 +185,9 @@ def resolve(recipe: "str | Path | Recipe | dict") -> Recipe:
         shipped = shipped_recipes()
         key = str(recipe).removesuffix(".yaml")
         if key in shipped:
-            path = shipped[key]
+            rec = Recipe.load(shipped[key])
+            rec.source = key
+            return rec
         else:
             raise UsageError(f"Recipe {recipe} is neither a file nor a shipped recipe."
                              f"{closest(key, list(shipped))}",

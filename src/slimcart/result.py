@@ -39,6 +39,7 @@ class Variant(BaseModel):
     compression_ratio: float
     agreement: dict[str, float] = {}
     peak_memory_mb: dict[str, float] = {}                   # runtime -> peak RSS in MB
+    model_memory_mb: dict[str, float] = {}                  # runtime -> peak RSS above the runtime's own
     stages: list[dict[str, Any]] = []
     notes: list[str] = []
 

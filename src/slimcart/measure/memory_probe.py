@@ -2,9 +2,18 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
+
+
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process in MB. VmHWM belongs to this process image alone (unlike
+    ru_maxrss, which a child inherits from the parent that forked it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main() -> None:
@@ -18,7 +27,7 @@ def main() -> None:
     examples = artifact.load_examples(folder)
     idx = torch.arange(int(batch)) % examples[0].shape[0]
     inputs = tuple(t[idx] for t in examples)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = _status_mb("VmRSS")
     names = tuple(artifact.read_meta(folder)["inputs"])
     if runtime == "torch":
         run = TorchRunner(artifact.load(folder).torch_model)
@@ -27,7 +36,7 @@ def main() -> None:
         run = OrtRunner(path, names, int(threads))
     for _ in range(3):
         run(inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
     print(json.dumps({"peak_rss_mb": round(peak, 1), "runtime_start_mb": round(before, 1),
                       "model_and_run_mb": round(peak - before, 1)}))
 

@@ -257,7 +257,13 @@ def build_blocks(result: Result) -> list[Block]:
     blocks.append(agreement or Para("not measured"))
     memory = _keyed_table(result, "peak_memory_mb", lambda x: f"{x:.1f}")
     if memory is not None:
-        blocks += [Heading(2, "Peak memory (MB, serving process RSS)"), memory]
+        blocks += [Heading(2, "Peak memory (MB, serving process RSS)"),
+                   Para("Peak resident memory of a fresh process that loads the saved model and "
+                        "serves the largest batch; the second table is the part above the "
+                        "process's RSS after importing the runtimes (model + activations)."), memory]
+        model_mem = _keyed_table(result, "model_memory_mb", lambda x: f"{x:.1f}")
+        if model_mem is not None:
+            blocks.append(model_mem)
     blocks.append(Heading(2, "Variants"))
     for v in result.variant_rows():
         blocks += _variant_blocks(v, v is result.baseline)
