@@ -34,6 +34,13 @@ def _pareto(points: list[tuple[float, float]], lower_better: bool) -> list[tuple
     return front
 
 
+def _crowding(placed: list, points: list, x: float, y: float) -> int:
+    """How many already-labelled points sit close to (x, y), so labels can be stacked apart."""
+    xs, ys = [q[0] for q in points], [q[1] for q in points]
+    dx, dy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    return sum(abs(px - x) / dx < 0.25 and abs(py - y) / dy < 0.05 for px, py in placed)
+
+
 def pareto_plot(result: Result, path: str | Path) -> Path:
     path = Path(path)
     metric = primary_metric(result)
@@ -45,7 +52,7 @@ def pareto_plot(result: Result, path: str | Path) -> Path:
     max_size = max((v.size_bytes for v in rows), default=0) or 1
 
     fig, ax = plt.subplots(figsize=(9, 6), dpi=110)
-    handles, points = [], []
+    handles, points, labels = [], [], []
     palette = [c for k, c in enumerate(plt.get_cmap("tab10").colors) if k != 3]  # 3 is red
     for i, rt in enumerate(runtimes(result)):
         marker = MARKERS[i % len(MARKERS)]
@@ -60,14 +67,18 @@ def pareto_plot(result: Result, path: str | Path) -> Path:
             ax.scatter(p.p50, y, s=30 + 400 * v.size_bytes / max_size, marker=marker,
                        c=[color], alpha=0.8, edgecolors="black", linewidths=2 if is_base else 0.6,
                        zorder=3)
-            ax.annotate(v.name + (f" [{rt}]" if len(runtimes(result)) > 1 else ""),
-                        (p.p50, y), xytext=(7, 7), textcoords="offset points", fontsize=8,
-                        fontweight="bold" if is_base else "normal", zorder=4)
+            labels.append((p.p50, y, v.name + (f" [{rt}]" if len(runtimes(result)) > 1 else ""), is_base))
             points.append((p.p50, y))
             drawn = True
         if drawn:
             handles.append(Line2D([], [], marker=marker, color="grey", linestyle="", label=rt))
 
+    placed: list[tuple[float, float]] = []
+    for x, y, text, bold in labels:
+        ax.annotate(text, (x, y), xytext=(7, 7 - 11 * _crowding(placed, points, x, y)),
+                    textcoords="offset points", fontsize=8, fontweight="bold" if bold else "normal",
+                    zorder=4)
+        placed.append((x, y))
     if points:
         front = _pareto(points, lower_better)
         xs, ys = zip(*front)
