@@ -88,3 +88,16 @@ def test_existing_output_is_refused(run, ctr_task, ctr_model):
     res.cleanup()
     assert (out / "result.json").read_text() == before
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_demo_job_on_ctr(tmp_path):
+    from slimcart.demo import DEFAULT_RECIPES, combined_table, run_demo
+
+    results = run_demo(tmp_path / "demo", progress=False, tasks=["ctr"])
+    assert (tmp_path / "demo" / "ctr" / "report.html").is_file()
+    rows = combined_table(results)
+    names = {r["variant"] for r in rows}
+    assert names == {"baseline"} | {r.split("/")[1] for r in DEFAULT_RECIPES["ctr"]}
+    assert all(r["task"] == "ctr/womens-reviews" for r in rows)
+    with pytest.raises(sc.UsageError, match="already exists"):
+        run_demo(tmp_path / "demo", progress=False, tasks=["ctr"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from .output import check_output, staged_output
 from .pipeline import compress
 from .recipe import resolve
+from .report.markdown import DASH, fmt_mb, fmt_ms, fmt_pts, fmt_x
 from .result import Result
 from .tasks import DEFAULT_DATASET, load_task
 
@@ -33,3 +34,25 @@ def run_demo(out: Path, *, data_dir=None, overwrite: bool = False, progress: boo
                 res.cleanup()
             results.append(res.result)
     return results
+
+
+def combined_table(results: list[Result]) -> list[dict[str, str]]:
+    """One row per task, variant and runtime: the whole demo at a glance. Speedups are
+    against the baseline in the same runtime, at the smallest and largest batch."""
+    rows = []
+    for r in results:
+        m = r.primary_metric
+        base = r.baseline.metrics.get(m)
+        for v in r.variant_rows():
+            for rt, per in v.latency_ms.items():
+                b_lo, b_hi = sorted(per, key=int)[0], sorted(per, key=int)[-1]
+                sp = v.speedup_vs_baseline.get(rt, {})
+                rows.append({
+                    "task": f"{r.task}/{r.dataset}", "variant": v.name, "runtime": rt,
+                    "size MB": fmt_mb(v.size_bytes), "compression": fmt_x(v.compression_ratio),
+                    "metric": f"{m} {v.metrics.get(m, float('nan')):.4f}",
+                    "Δ pts": DASH if v is r.baseline else fmt_pts(v.metrics.get(m, float("nan")) - base),
+                    "p50 ms, small batch": f"{fmt_ms(per[b_lo].p50)} (b={b_lo}, {fmt_x(sp.get(b_lo, float('nan')))})",
+                    "p50 ms, large batch": f"{fmt_ms(per[b_hi].p50)} (b={b_hi}, {fmt_x(sp.get(b_hi, float('nan')))})",
+                })
+    return rows
