@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip==25.3 setuptools wheel
+	$(PY) -m pip install -q --upgrade pip==25.3 setuptools==84.2.1 wheel==0.48.0
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements.lock pytest==9.2.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
