@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import __version__
+from . import __version__, storage
 from .errors import ModelError
 from .models import build
 from .registry import ONNX, TORCH, TORCH_INT8
@@ -29,8 +29,10 @@ def save(state: ModelState, folder: Path, *, task: dict[str, Any], examples: tup
     if any(folder.iterdir()):
         raise ModelError(f"{folder} is not empty; a model is saved into a new folder.")
     weights = folder / WEIGHTS[state.format]
+    encoding: dict[str, Any] = {"scheme": "dense"}
     if state.format == TORCH:
         tensors = {k: v.detach().contiguous() for k, v in state.torch_model.state_dict().items()}
+        tensors, encoding = storage.encode(tensors)
         save_file(tensors, str(weights))
     elif state.format == TORCH_INT8:
         save_file(_int8_tensors(state.torch_model), str(weights))
@@ -38,6 +40,7 @@ def save(state: ModelState, folder: Path, *, task: dict[str, Any], examples: tup
         shutil.copyfile(state.require_onnx(), weights)
     save_file({n: t.contiguous() for n, t in zip(input_names, examples)}, str(folder / EXAMPLES))
     meta = {"slimcart_version": __version__, "format": state.format, "weights": weights.name,
+            "encoding": encoding if state.format == TORCH else {"scheme": "dense"},
             "model": state.spec, "quant": state.quant, "task": task,
             "inputs": list(input_names), "stages": stages or []}
     (folder / META).write_text(json.dumps(meta, indent=2))
@@ -76,6 +79,10 @@ def load(folder: str | Path) -> ModelState:
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ModelError(f"Cannot read {weights}: {exc}") from None
     if fmt == TORCH:
+        try:
+            tensors = storage.decode(tensors, meta.get("encoding"))
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"{weights}: the stored encoding cannot be decoded: {exc}") from None
         _load_strict(model, tensors, weights)
         return ModelState.from_module(model, meta["model"])
     if fmt == TORCH_INT8:

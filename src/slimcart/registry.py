@@ -45,7 +45,7 @@ def register(name: str, config_cls: type[TechniqueConfig], *, accepts: tuple[str
     """Decorator registering ``apply`` under ``name``."""
 
     def deco(fn: Callable) -> Callable:
-        if name in _REGISTRY:
+        if name in _REGISTRY and _REGISTRY[name].apply.__module__ != fn.__module__:
             raise RuntimeError(f"technique {name!r} registered twice")
         _REGISTRY[name] = Technique(name, config_cls, fn, tuple(accepts), produces,
                                     summary or (fn.__doc__ or "").strip().split("\n")[0])
@@ -55,8 +55,17 @@ def register(name: str, config_cls: type[TechniqueConfig], *, accepts: tuple[str
 
 
 def _load_builtins() -> None:
-    # Importing the families registers their techniques.
-    from . import accelerate, prune, quantize  # noqa: F401
+    """Import every module of the technique families; importing registers the techniques."""
+    import importlib
+    import pkgutil
+
+    for family in ("prune", "quantize", "accelerate", "distill", "parallel"):
+        try:
+            pkg = importlib.import_module(f"{__package__}.{family}")
+        except ModuleNotFoundError:
+            continue
+        for info in pkgutil.iter_modules(pkg.__path__):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def techniques() -> dict[str, Technique]:

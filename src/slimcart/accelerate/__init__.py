@@ -1,2 +1,1 @@
-"""Acceleration: export and graph-level techniques."""
-from . import onnx_export  # noqa: F401
+"""Acceleration techniques; every module here registers its techniques on import."""

@@ -34,4 +34,10 @@ def build(model_spec: dict[str, Any]) -> torch.nn.Module:
         cfg = cfg_cls.model_validate(model_spec.get("config", {}))
     except ValidationError as exc:
         raise ModelError(f"Model spec for {arch!r} is invalid: {exc}") from None
-    return fn(cfg)
+    model = fn(cfg)
+    if model_spec.get("reshape"):
+        # a structurally pruned model: the base architecture with some layers narrowed
+        from .reshape import apply_reshape
+
+        apply_reshape(model, model_spec["reshape"])
+    return model

@@ -1,2 +1,1 @@
-"""Pruning techniques."""
-from . import magnitude  # noqa: F401
+"""Pruning techniques; every module here registers its techniques on import."""

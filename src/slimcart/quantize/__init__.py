@@ -1,2 +1,1 @@
-"""Quantization techniques."""
-from . import dynamic, ort  # noqa: F401
+"""Quantization techniques; every module here registers its techniques on import."""
