@@ -19,7 +19,7 @@ def test_every_problem_is_reported_at_once_with_its_key_path():
     text = "\n".join(problems)
     assert len(problems) == 7, text
     assert "stagse: unknown key. Did you mean: stages?" in text
-    assert "stages[0].type: unknown technique 'magnitude_prun'. Did you mean: magnitude_prune?" in text
+    assert "stages[0].type: unknown technique 'magnitude_prun'. Did you mean: magnitude_prune" in text
     assert "stages[1].sparsity: Input should be less than 1" in text
     assert "stages[1].colour: unknown key" in text
     assert "stages[2].opset:" in text

@@ -1,0 +1,126 @@
+"""Narrowed layers of a structurally pruned model, as JSON, so a saved model rebuilds.
+
+``record_reshape(model, base)`` describes every resizable layer (Conv, Linear, BatchNorm,
+LayerNorm, Embedding) whose shape differs from ``base`` (the freshly built architecture; with no
+``base`` every such layer is listed), plus the size attributes that attention modules read in
+``forward``::
+
+    {"version": 1,
+     "modules": {"layers.0.conv1": {"type": "Conv2d", "in": 4, "out": 2, "groups": 1},
+                 "layers.0.bn1": {"type": "BatchNorm2d", "features": 2},
+                 "encoder.encoder.layer.0.attention.self.query": {"type": "Linear", "in": 32, "out": 16}},
+     "params": {},   # bare nn.Parameters (not inside such a layer) whose shape changed
+     "attrs": {"encoder.encoder.layer.0.attention.self":
+               {"num_attention_heads": 2, "attention_head_size": 8, "all_head_size": 16}}}
+
+``apply_reshape(model, record)`` replaces those layers of a freshly built model with new ones of
+the recorded sizes (same kernel, stride, bias, eps... as the layer they replace) and sets the
+attributes; the weights are then loaded from the saved state dict.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import ModelError
+
+VERSION = 1
+# attributes that multi-head attention modules (transformers' BERT family) use in forward
+ATTENTION_ATTRS = ("num_attention_heads", "attention_head_size", "all_head_size")
+
+
+def _shape(mod: nn.Module) -> dict[str, Any] | None:
+    kind = type(mod).__name__
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return {"type": kind, "in": mod.in_channels, "out": mod.out_channels, "groups": mod.groups}
+    if isinstance(mod, nn.Linear):
+        return {"type": kind, "in": mod.in_features, "out": mod.out_features}
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return {"type": kind, "features": mod.num_features}
+    if isinstance(mod, nn.LayerNorm):
+        return {"type": kind, "shape": list(mod.normalized_shape)}
+    if isinstance(mod, nn.Embedding):
+        return {"type": kind, "num": mod.num_embeddings, "dim": mod.embedding_dim}
+    return None
+
+
+def _attrs(mod: nn.Module) -> dict[str, int] | None:
+    if all(isinstance(getattr(mod, a, None), int) for a in ATTENTION_ATTRS):
+        return {a: getattr(mod, a) for a in ATTENTION_ATTRS}
+    return None
+
+
+def layer_shapes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The shape record of every resizable layer, by module name."""
+    return {n: s for n, m in model.named_modules() if n and (s := _shape(m)) is not None}
+
+
+def free_params(model: nn.Module) -> dict[str, list[int]]:
+    """Shapes of the parameters held directly by modules other than the resizable layers."""
+    return {f"{n}.{p}" if n else p: list(t.shape) for n, m in model.named_modules() if _shape(m) is None
+            for p, t in m.named_parameters(recurse=False)}
+
+
+def record_reshape(model: nn.Module, base: nn.Module | None = None) -> dict[str, Any]:
+    """JSON description of the layers (and attention sizes) of ``model`` that differ from ``base``."""
+    b_shapes, b_params, b_attrs = ({}, {}, {}) if base is None else (
+        layer_shapes(base), free_params(base), {n: a for n, m in base.named_modules() if (a := _attrs(m))})
+    return {"version": VERSION,
+            "modules": {n: s for n, s in layer_shapes(model).items() if b_shapes.get(n) != s},
+            "params": {n: s for n, s in free_params(model).items() if b_params.get(n) != s},
+            "attrs": {n: a for n, m in model.named_modules() if (a := _attrs(m)) and b_attrs.get(n) != a}}
+
+
+def _resized(old: nn.Module, rec: dict[str, Any], name: str) -> nn.Module:
+    ref = next(iter(old.parameters(recurse=False)), None)
+    kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    if isinstance(old, nn.modules.conv._ConvNd):
+        return type(old)(rec["in"], rec["out"], old.kernel_size, old.stride, old.padding, old.dilation,
+                         rec.get("groups", old.groups), old.bias is not None, old.padding_mode, **kw)
+    if isinstance(old, nn.Linear):
+        return nn.Linear(rec["in"], rec["out"], bias=old.bias is not None, **kw)
+    if isinstance(old, nn.modules.batchnorm._BatchNorm):
+        return type(old)(rec["features"], old.eps, old.momentum, old.affine, old.track_running_stats, **kw)
+    if isinstance(old, nn.LayerNorm):
+        return nn.LayerNorm(rec["shape"], old.eps, old.elementwise_affine, bias=old.bias is not None, **kw)
+    if isinstance(old, nn.Embedding):
+        return nn.Embedding(rec["num"], rec["dim"], old.padding_idx, old.max_norm, old.norm_type,
+                            old.scale_grad_by_freq, old.sparse, **kw)
+    raise ModelError(f"reshape: layer {name} is a {type(old).__name__}, which cannot be resized.")
+
+
+def _module(model: nn.Module, name: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ModelError(f"reshape: the model has no layer {name!r}; the saved reshape record does "
+                         f"not fit this architecture.") from None
+
+
+def apply_reshape(model: nn.Module, reshape: dict[str, Any]) -> nn.Module:
+    """Resize the recorded layers of ``model`` in place (fresh weights of the recorded shapes)."""
+    if not isinstance(reshape, dict) or reshape.get("version") != VERSION:
+        raise ModelError(f"reshape: unsupported record; expected a dict with version {VERSION}.")
+    for name, rec in reshape.get("modules", {}).items():
+        old = _module(model, name)
+        if type(old).__name__ != rec.get("type"):
+            raise ModelError(f"reshape: layer {name} is a {type(old).__name__}, the record says "
+                             f"{rec.get('type')}.")
+        parent_name, _, child = name.rpartition(".")
+        setattr(_module(model, parent_name) if parent_name else model, child, _resized(old, rec, name))
+    for name, shape in reshape.get("params", {}).items():
+        owner, _, pname = name.rpartition(".")
+        mod = _module(model, owner) if owner else model
+        old = mod._parameters.get(pname)
+        if old is None:
+            raise ModelError(f"reshape: the model has no parameter {name!r}.")
+        setattr(mod, pname, nn.Parameter(old.new_empty(shape), requires_grad=old.requires_grad))
+    for name, attrs in reshape.get("attrs", {}).items():
+        mod = _module(model, name)
+        for key, value in attrs.items():
+            if not hasattr(mod, key):
+                raise ModelError(f"reshape: layer {name} has no attribute {key!r}.")
+            setattr(mod, key, value)
+    return model
+
