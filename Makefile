@@ -30,7 +30,10 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install fashion-mnist
-	$(PY) benchmarks/run.py --out BENCHMARKS.md
+	$(PY) benchmarks/run.py
+	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/embedding_rows.py
+	$(PY) benchmarks/assemble.py
 
 clean:
 	rm -rf $(VENV) runs
