@@ -40,4 +40,9 @@ def build(model_spec: dict[str, Any]) -> torch.nn.Module:
         from .reshape import apply_reshape
 
         apply_reshape(model, model_spec["reshape"])
+    if model_spec.get("row_pruning"):
+        # embedding tables with rare-id rows dropped and an id map to the compact rows
+        from .compact_embedding import apply_row_pruning
+
+        apply_row_pruning(model, model_spec["row_pruning"])
     return model

@@ -135,7 +135,7 @@ class Task(ABC):
         total = math.ceil(cfg.epochs * steps_per_epoch)
         if cfg.max_steps:
             total = min(total, cfg.max_steps)
-        opt = torch.optim.AdamW(self.param_groups(model, cfg), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(self.param_groups(model, cfg), weight_decay=cfg.weight_decay, foreach=True)
         warm = int(cfg.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
