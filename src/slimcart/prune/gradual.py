@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import UsageError
 from ..registry import TORCH, TechniqueConfig, register
 from ..stage import ModelState, StageContext, StageReport
-from .magnitude import LAYER_TYPES, MagnitudePruneConfig, prune_masks, select_layers
+from .magnitude import LayerType, MagnitudePruneConfig, Scope, prune_masks, select_layers
 
 Masks = dict[str, torch.Tensor]
 
@@ -32,19 +32,14 @@ class GradualPruneConfig(TechniqueConfig):
     epochs_per_step: float = Field(default=0.5, gt=0)
     final_epochs: float = Field(default=0.0, ge=0)
     lr: float | None = Field(default=None, gt=0)   # fine-tuning lr; the task's own when None
-    scope: str = "layer"                           # layer | global
-    layer_types: list[str] = ["Linear", "Conv2d"]
+    scope: Scope = "layer"
+    layer_types: list[LayerType] = ["Linear", "Conv2d"]
     include: list[str] = ["*"]
     exclude: list[str] = []
 
     def model_post_init(self, _ctx) -> None:
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError("initial_sparsity must not exceed final_sparsity")
-        if self.scope not in ("layer", "global"):
-            raise ValueError("scope must be 'layer' or 'global'")
-        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
-        if bad:
-            raise ValueError(f"unknown layer types {bad}; choose from {list(LAYER_TYPES)}")
 
     def magnitude(self, sparsity: float) -> MagnitudePruneConfig:
         return MagnitudePruneConfig(sparsity=sparsity, scope=self.scope, layer_types=self.layer_types,

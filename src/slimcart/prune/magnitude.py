@@ -3,6 +3,7 @@ threshold (the classic ``where(|w| > t, w, 0)``) or to a target sparsity (per la
 from __future__ import annotations
 
 import fnmatch
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -14,24 +15,21 @@ from ..stage import ModelState, StageContext, StageReport
 
 LAYER_TYPES = {"Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d,
                "Embedding": nn.Embedding}
+LayerType = Literal["Linear", "Conv1d", "Conv2d", "Embedding"]
+Scope = Literal["layer", "global"]
 
 
 class MagnitudePruneConfig(TechniqueConfig):
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
     threshold: float | None = Field(default=None, ge=0.0)
-    scope: str = "layer"                       # layer | global
-    layer_types: list[str] = ["Linear", "Conv2d"]
+    scope: Scope = "layer"
+    layer_types: list[LayerType] = ["Linear", "Conv2d"]
     include: list[str] = ["*"]                 # module-name patterns (fnmatch)
     exclude: list[str] = []
 
     def model_post_init(self, _ctx) -> None:
         if (self.sparsity is None) == (self.threshold is None):
             raise ValueError("give exactly one of sparsity (fraction in [0, 1)) or threshold")
-        if self.scope not in ("layer", "global"):
-            raise ValueError("scope must be 'layer' or 'global'")
-        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
-        if bad:
-            raise ValueError(f"unknown layer types {bad}; choose from {list(LAYER_TYPES)}")
 
 
 def select_layers(model: nn.Module, cfg: MagnitudePruneConfig, report: StageReport) -> dict[str, nn.Module]:

@@ -13,7 +13,7 @@ from ..errors import UsageError
 from ..registry import TORCH, TechniqueConfig, register
 from ..stage import ModelState, StageContext, StageReport
 from .gradual import apply_masks, sparsity_counts
-from .magnitude import LAYER_TYPES, MagnitudePruneConfig, prune_masks, select_layers
+from .magnitude import LayerType, MagnitudePruneConfig, prune_masks, select_layers
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.75, 0.9)
 
@@ -77,16 +77,13 @@ class SensitivityPruneConfig(TechniqueConfig):
     max_drop: float = Field(ge=0.0)
     sparsities: list[float] = list(DEFAULT_SPARSITIES)
     limit: int | None = Field(default=None, ge=1)   # validation rows scored per point
-    layer_types: list[str] = ["Linear", "Conv2d"]
+    layer_types: list[LayerType] = ["Linear", "Conv2d"]
     include: list[str] = ["*"]
     exclude: list[str] = []
 
     def model_post_init(self, _ctx) -> None:
         if not self.sparsities or any(not 0.0 < s < 1.0 for s in self.sparsities):
             raise ValueError("sparsities must be a non-empty list of fractions in (0, 1)")
-        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
-        if bad:
-            raise ValueError(f"unknown layer types {bad}; choose from {list(LAYER_TYPES)}")
 
 
 @register("sensitivity_prune", SensitivityPruneConfig, accepts=(TORCH,),

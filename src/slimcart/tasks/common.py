@@ -52,3 +52,18 @@ def classification_agreement(base: np.ndarray, other: np.ndarray) -> dict[str, f
     return {"top1_agreement": float((base.argmax(1) == other.argmax(1)).mean()),
             "max_abs_logit_diff": float(diff.max()),
             "mean_abs_logit_diff": float(diff.mean())}
+
+
+class ClassificationMixin:
+    """Loss, metrics and agreement shared by the classification tasks."""
+
+    def loss(self, outputs, labels):
+        import torch
+
+        return torch.nn.functional.cross_entropy(outputs, labels)
+
+    def metrics(self, outputs, labels):
+        return classification_metrics(outputs, labels)
+
+    def agreement(self, baseline, other):
+        return classification_agreement(baseline, other)

@@ -14,8 +14,7 @@ from ..data.tables import is_table, read_table, require_columns
 from ..errors import DataError
 from ..models import text_classifier
 from .base import Split, Task, TrainConfig
-from .common import (classification_agreement, classification_metrics, encode_labels,
-                     split_indices)
+from .common import ClassificationMixin, encode_labels, split_indices
 
 MAX_LENGTH = 64
 DATASETS = {
@@ -52,7 +51,7 @@ def _read_dataset(dataset: str, data_dir, text_column, label_column):
 
 
 @dataclass
-class IntentTask(Task):
+class IntentTask(ClassificationMixin, Task):
     name = "intent"
     metric_names = ("accuracy", "macro_f1")
     primary_metric = "accuracy"
@@ -110,12 +109,3 @@ class IntentTask(Task):
         ids, mask = inputs
         length = max(1, int(mask.sum(1).max()))
         return ids[:, :length].contiguous(), mask[:, :length].contiguous()
-
-    def loss(self, outputs, labels):
-        return torch.nn.functional.cross_entropy(outputs, labels)
-
-    def metrics(self, outputs, labels):
-        return classification_metrics(outputs, labels)
-
-    def agreement(self, baseline, other):
-        return classification_agreement(baseline, other)

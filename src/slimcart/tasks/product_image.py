@@ -12,7 +12,7 @@ from ..data import paths
 from ..errors import UsageError, closest
 from ..models.cnn import CNNConfig, ResNetSmall
 from .base import Split, Task, TrainConfig
-from .common import classification_agreement, classification_metrics, split_indices
+from .common import ClassificationMixin, split_indices
 
 DATASETS = {"fashion-mnist": "Zalando product photos, 28x28 grey, 10 classes (MIT)"}
 
@@ -25,7 +25,7 @@ def _to_tensor(x: np.ndarray, mean: float, std: float) -> torch.Tensor:
 
 
 @dataclass
-class ProductImageTask(Task):
+class ProductImageTask(ClassificationMixin, Task):
     name = "product_image"
     metric_names = ("accuracy", "macro_f1")
     primary_metric = "accuracy"
@@ -69,12 +69,3 @@ class ProductImageTask(Task):
     def train_config(self, budget: str = "full") -> TrainConfig:
         epochs = {"full": 3.0, "demo": 1.0, "test": 0.05}.get(budget, 1.0)
         return TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=5e-4, warmup_ratio=0.02)
-
-    def loss(self, outputs, labels):
-        return torch.nn.functional.cross_entropy(outputs, labels)
-
-    def metrics(self, outputs, labels):
-        return classification_metrics(outputs, labels)
-
-    def agreement(self, baseline, other):
-        return classification_agreement(baseline, other)
