@@ -38,7 +38,12 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
     src = state.require_onnx()
     if cfg.preprocess:
         pre = ctx.path("preprocessed.onnx")
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+            report.stats["preprocess"] = "symbolic shape inference + optimization"
+        except Exception as exc:  # symbolic inference gives up on some graphs (e.g. BERT masks)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            report.stats["preprocess"] = f"ONNX shape inference only (symbolic failed: {exc})"
         src = pre
     out = ctx.path("int8.onnx")
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
@@ -50,16 +55,31 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
         raise ModelError(f"ONNX Runtime's dynamic quantizer failed on {src.name}: {exc}") from None
     before = {n.name: n.op_type for n in onnx.load(str(src)).graph.node}
     after = onnx.load(str(out)).graph
-    quantized = {n.name.removesuffix("_quant") for n in after.node
-                 if n.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "GatherBlockQuantized")
-                 or (n.op_type == "Gather" and any(i.endswith("_quantized") for i in n.input))}
     for name, op in before.items():
         if op in cfg.op_types:
-            if name in quantized:
+            if _quantized(after, name):
                 report.changed[name] = f"{op} -> int8 weights"
             else:
                 report.skipped[name] = f"{op}: left in float by the quantizer (no constant weight input)"
     counts = collections.Counter(n.op_type for n in after.node)
-    report.stats = {"ops_after": dict(counts)}
+    report.stats["ops_after"] = dict(counts)
     state.onnx_path = out
     return report
+
+
+def _quantized(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether the quantizer rewrote node ``name``: into an integer op (MatMulInteger,
+    ConvInteger, ...), or to read an int8 initializer (Gather over a quantized table)."""
+    nodes = {n.name: n for n in graph.node}
+    producers = {o: n for n in graph.node for o in n.output}
+    q = nodes.get(f"{name}_quant")
+    if q is not None and q.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"):
+        return True
+    node = nodes.get(name)
+    if node is None or not node.input:
+        return False
+    src = producers.get(node.input[0])
+    if src is not None and src.op_type == "DequantizeLinear":
+        return True
+    int8 = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    return any(t.name == node.input[0] and t.data_type in int8 for t in graph.initializer)
