@@ -13,7 +13,8 @@ CACHE = Path("runs/bench/models")
 
 def baseline(task, budget: str = "full", cache: Path = CACHE):
     """The task's trained baseline, trained once and reused by every benchmark script."""
-    folder = cache / f"{task.name}-{task.dataset.split(':')[0].replace('/', '_')}-{budget}"
+    key = "".join(c if c.isalnum() or c in "-_" else "_" for c in task.dataset)
+    folder = cache / f"{task.name}-{key}-{budget}"
     if (folder / "slimcart.json").is_file():
         return load_trained(folder, task)
     model = task.train_baseline(budget)
