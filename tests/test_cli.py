@@ -129,3 +129,10 @@ def test_train_compress_bench_from_the_command_line(tmp_path):
     proc = run_cli("compress", "--task", "intent", "--model", str(model), "--recipe", "intent/onnx-int8",
                    "--out", str(tmp_path / "x"))
     _assert_clean_error(proc, "was trained for task 'ctr', not 'intent'")
+
+
+def test_bench_on_a_folder_that_is_not_a_model(tmp_path):
+    proc = run_cli("bench", str(tmp_path))
+    _assert_clean_error(proc, "is not a slimcart model folder")
+    proc = run_cli("train", "--task", "ctr", "--budget", "huge", "--out", str(tmp_path / "o"))
+    _assert_clean_error(proc, "--budget must be 'full' or 'demo'")
