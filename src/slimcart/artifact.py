@@ -35,12 +35,13 @@ def save(state: ModelState, folder: Path, *, task: dict[str, Any], examples: tup
         tensors, encoding = storage.encode(tensors)
         save_file(tensors, str(weights))
     elif state.format == TORCH_INT8:
-        save_file(_int8_tensors(state.torch_model), str(weights))
+        tensors, encoding = storage.encode(_int8_tensors(state.torch_model))
+        save_file(tensors, str(weights))
     else:
         shutil.copyfile(state.require_onnx(), weights)
     save_file({n: t.contiguous() for n, t in zip(input_names, examples)}, str(folder / EXAMPLES))
     meta = {"slimcart_version": __version__, "format": state.format, "weights": weights.name,
-            "encoding": encoding if state.format == TORCH else {"scheme": "dense"},
+            "encoding": encoding,
             "model": state.spec, "quant": state.quant, "task": task,
             "inputs": list(input_names), "stages": stages or []}
     (folder / META).write_text(json.dumps(meta, indent=2))
@@ -78,11 +79,11 @@ def load(folder: str | Path) -> ModelState:
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ModelError(f"Cannot read {weights}: {exc}") from None
+    try:
+        tensors = storage.decode(tensors, meta.get("encoding"))
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{weights}: the stored encoding cannot be decoded: {exc}") from None
     if fmt == TORCH:
-        try:
-            tensors = storage.decode(tensors, meta.get("encoding"))
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"{weights}: the stored encoding cannot be decoded: {exc}") from None
         _load_strict(model, tensors, weights)
         return ModelState.from_module(model, meta["model"])
     if fmt == TORCH_INT8:
