@@ -36,6 +36,7 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
 
     report = StageReport("ort_int8_dynamic", cfg.model_dump())
     src = state.require_onnx()
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)  # its shape-inference warnings are noise here
     if cfg.preprocess:
         pre = ctx.path("preprocessed.onnx")
         try:
@@ -46,7 +47,6 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
             report.stats["preprocess"] = f"ONNX shape inference only (symbolic failed: {exc})"
         src = pre
     out = ctx.path("int8.onnx")
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     try:
         quantize_dynamic(str(src), str(out), per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
                          weight_type=QuantType.QInt8 if cfg.weight_type == "int8" else QuantType.QUInt8,
