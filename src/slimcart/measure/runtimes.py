@@ -35,6 +35,10 @@ class OrtRunner:
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # ONNX Runtime's worker threads busy-wait after each run by default; with variants timed
+        # interleaved in one process, that spinning steals the cores from the next (PyTorch) run
+        # and inflated eager latencies ~3x in a measurement here. Passive waiting keeps it fair.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
         wanted = {i.name for i in self.session.get_inputs()}
         self.input_names = tuple(input_names)
