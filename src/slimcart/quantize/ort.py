@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+from pathlib import Path
 
 import onnx
 
@@ -38,13 +40,16 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
     src = state.require_onnx()
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)  # its shape-inference warnings are noise here
     if cfg.preprocess:
-        pre = ctx.path("preprocessed.onnx")
-        try:
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
-            report.stats["preprocess"] = "symbolic shape inference + optimization"
-        except Exception as exc:  # symbolic inference gives up on some graphs (e.g. BERT masks)
-            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-            report.stats["preprocess"] = f"ONNX shape inference only (symbolic failed: {exc})"
+        pre = ctx.path("preprocessed.onnx").resolve()
+        src = Path(src).resolve()
+        # the pre-processor writes temporary models into the current directory: keep them in the work folder
+        with contextlib.chdir(pre.parent):
+            try:
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
+                report.stats["preprocess"] = "symbolic shape inference + optimization"
+            except Exception as exc:  # symbolic inference gives up on some graphs (e.g. BERT masks)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                report.stats["preprocess"] = f"ONNX shape inference only (symbolic failed: {exc})"
         src = pre
     out = ctx.path("int8.onnx")
     try:
