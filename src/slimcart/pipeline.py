@@ -40,6 +40,7 @@ class _Run:
     stages: list[StageReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     runners: dict[str, Any] = field(default_factory=dict)
+    measure_onnx: Path | None = None  # ONNX export of a PyTorch variant, made only for measurement
 
 
 @dataclass
@@ -139,7 +140,7 @@ def _compress(model, task, recipes, spec, measure, threads, workdir, progress, b
         if measure.memory:
             for rt in run.runners:
                 got = peak_rss_mb(run.folder, rt, max(measure.batch_sizes), threads,
-                                  getattr(run, "measure_onnx", None) if rt == "onnxruntime" else None)
+                                  run.measure_onnx if rt == "onnxruntime" else None)
                 if got:
                     mem[rt], model_mem[rt] = got["peak_rss_mb"], got["model_and_run_mb"]
         variants.append(dict(
@@ -183,7 +184,7 @@ def _make_runners(run: _Run, task: Task, measure: MeasureConfig, threads: int, w
                 path = export_onnx(state.torch_model, task.example_inputs(2, "val"),
                                    workdir / f"measure-{run.name}.onnx", task.input_names,
                                    task.dynamic_axes())
-                run.measure_onnx = path  # type: ignore[attr-defined]
+                run.measure_onnx = path
                 run.notes.append("onnxruntime: measured on an ONNX export of this PyTorch model")
             run.runners[rt] = OrtRunner(path, task.input_names, threads)
 
