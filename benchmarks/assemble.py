@@ -21,7 +21,8 @@ def main() -> None:
         "How to read: every cell is measured, never estimated. Size is the bytes of the saved artifact "
         "(weights file + JSON spec). Latency is p50 per batch in ms; the number in brackets is the "
         "speedup against the baseline in the same runtime, timed in the same process with all variants "
-        "interleaved round by round (this machine drifts 20-30% between runs, so compare ratios within "
+        "interleaved in rounds, each round a block of back-to-back calls per variant (this machine "
+        "drifts 20-30% between runs, so compare ratios within "
         "a section, not absolute ms across sections). Metric deltas are in points (x100) against the "
         "baseline on the same test rows. `—` means the runtime cannot serve that artifact (each "
         "report's notes say why).\n",

@@ -44,7 +44,7 @@ def run_section(task_name: str, dataset: str, recipes: list[str], runs: Path, ti
     text = (f"### {task_name} / {dataset}{' — ' + title if title else ''}\n\n"
             f"Baseline: {train.get('epochs')} epochs ({train.get('seconds')} s); "
             f"{task.describe()['rows']['test']} test rows; {r.threads} threads; {r.measure['rounds']} timed "
-            f"rounds per cell, interleaved.{extra} Full report: `{out}/report.md`.\n\n"
+            f"rounds per cell, interleaved, each a block of back-to-back calls.{extra} Full report: `{out}/report.md`.\n\n"
             + markdown_table(summary_table(r)) + "\n\n"
             + "Agreement with the baseline: "
             + "; ".join(f"{v.name}: " + ", ".join(f"{k} {x:.4g}" for k, x in v.agreement.items())

@@ -28,7 +28,8 @@ class MeasureConfig(BaseModel):
         default_factory=lambda: [1, 32], min_length=1)
     runtimes: list[Literal["torch", "onnxruntime"]] = Field(
         default_factory=lambda: ["torch", "onnxruntime"], min_length=1)
-    rounds: int = Field(default=30, ge=30, description="timed runs per variant, batch and runtime")
+    rounds: int = Field(default=30, ge=30, description=(
+        "timed rounds per variant, batch and runtime; each round times a block of back-to-back calls"))
     warmup: int = Field(default=3, ge=1)
     threads: int | None = Field(default=None, ge=1, description="None: torch's default")
     eval_limit: int | None = Field(default=None, ge=1, description="test rows scored; None: all")

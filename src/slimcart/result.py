@@ -20,6 +20,7 @@ class Percentiles(BaseModel):
     p99: float
     mean: float | None = None
     runs: int | None = None
+    calls_per_block: int | None = None  # timed back-to-back calls per round (after one untimed)
 
 
 class Variant(BaseModel):
