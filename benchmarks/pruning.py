@@ -10,9 +10,15 @@ import argparse
 from pathlib import Path
 
 from common import run_section
+from tp_reference import recipe as tp_recipe
 
+IMAGE_MEASURE = {"batch_sizes": [1, 64], "runtimes": ["torch", "onnxruntime"]}
 CASES = [
-    ("product_image", "fashion-mnist", ["product_image/channel50-ft", "product_image/channel50-tp-magnitude",
+    # Torch-Pruning's own MagnitudePruner at the same ratio (so the same MACs), once alone and once
+    # with the same fine-tuning budget as channel50-ft, measured in the same process.
+    ("product_image", "fashion-mnist", ["product_image/channel50-ft",
+                                        tp_recipe("tp-magnitude50-ft", 0.5, 2.0, IMAGE_MEASURE),
+                                        tp_recipe("tp-magnitude50", 0.5, 0.0, IMAGE_MEASURE),
                                         "product_image/gradual90", "product_image/prune50-global"],
      "structured-and-gradual"),
     ("intent", "banking77", ["intent/heads50-ft"], "heads-ffn"),

@@ -1,0 +1,58 @@
+"""Torch-Pruning's own pruner, called the way its README shows, as a reference in the same run.
+
+Registered from the benchmark (not shipped): ``tp_magnitude_pruner`` runs
+``tp.pruner.MagnitudePruner`` with L2 magnitude importance on the baseline, keeps the output
+layer, then optionally fine-tunes with the same trainer and budget as slimcart's own
+``channel_prune``, so the two differ only in how channels are chosen and pruned. The result is
+recorded like any structured-pruned model (architecture spec + safetensors), so it is reloaded
+and measured in the same process as every other variant."""
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from pydantic import Field
+
+from slimcart.prune.structured import finetune
+from slimcart.models import build
+from slimcart.models.reshape import record_reshape
+from slimcart.registry import TORCH, TechniqueConfig, register
+from slimcart.stage import StageReport
+
+
+class TPMagnitudeConfig(TechniqueConfig):
+    ratio: float = Field(ge=0.0, lt=1.0)
+    finetune_epochs: float = Field(default=0.0, ge=0.0)
+
+
+@register("tp_magnitude_pruner", TPMagnitudeConfig, accepts=(TORCH,),
+          summary="reference: torch_pruning.pruner.MagnitudePruner as its README uses it")
+def tp_magnitude_pruner(state, cfg: TPMagnitudeConfig, ctx) -> StageReport:
+    report = StageReport("tp_magnitude_pruner", cfg.model_dump())
+    model = state.torch_model.eval()
+    example = ctx.task.example_inputs(1, "val")
+    last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
+    macs0, params0 = tp.utils.count_ops_and_params(model, example)
+    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=cfg.ratio, ignored_layers=[last],
+                                       forward_fn=lambda m, x: m(*x))
+    pruner.step()
+    if cfg.finetune_epochs > 0:
+        report.stats["val_after_prune"] = ctx.task.evaluate(model, "val")
+        rec = finetune(model, ctx, cfg.finetune_epochs, "tp_magnitude_pruner")
+        report.stats["val_after_finetune"] = rec["val"]
+    model.eval()
+    state.spec = {**state.spec, "reshape": record_reshape(
+        model, build({k: v for k, v in state.spec.items() if k != "reshape"}))}
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    report.stats.update(macs_before=int(macs0), macs_after=int(macs), params_before=int(params0),
+                        params_after=int(params), mac_reduction=round(1 - macs / macs0, 4),
+                        param_reduction=round(1 - params / params0, 4))
+    return report
+
+
+def recipe(name: str, ratio: float, finetune_epochs: float, measure: dict):
+    from slimcart.recipe import Recipe
+
+    return Recipe.from_dict({"name": name, "description": "Torch-Pruning MagnitudePruner (reference)",
+                             "stages": [{"type": "tp_magnitude_pruner", "ratio": ratio,
+                                         "finetune_epochs": finetune_epochs}], "measure": measure})
