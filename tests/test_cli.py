@@ -16,7 +16,8 @@ def _assert_clean_error(proc, *needles):
 
 
 def test_help_shows_examples():
-    for args in ([], ["compress"], ["train"], ["bench"], ["validate"], ["tasks"], ["demo"], ["recipes"]):
+    for args in ([], ["compress"], ["train"], ["bench"], ["validate"], ["tasks"], ["demo"], ["recipes"],
+                 ["sensitivity"]):
         proc = run_cli(*args, "--help")
         assert proc.returncode == 0
         assert "Example" in proc.stdout and "slimcart" in proc.stdout
@@ -136,3 +137,38 @@ def test_bench_on_a_folder_that_is_not_a_model(tmp_path):
     _assert_clean_error(proc, "is not a slimcart model folder")
     proc = run_cli("train", "--task", "ctr", "--budget", "huge", "--out", str(tmp_path / "o"))
     _assert_clean_error(proc, "--budget must be 'full' or 'demo'")
+
+
+def test_sensitivity_scan_writes_a_runnable_proposal(tmp_path):
+    import json
+
+    import yaml
+
+    from slimcart.recipe import resolve
+
+    model = tmp_path / "model"
+    assert run_cli("train", "--task", "ctr", "--dataset", "online-shoppers", "--out", str(model),
+                   "--quiet").returncode == 0
+    bad = run_cli("sensitivity", "--task", "ctr", "--dataset", "online-shoppers", "--model", str(model),
+                  "--sparsities", "0.5,1.5", "--out", str(tmp_path / "bad"))
+    _assert_clean_error(bad, "--sparsities must be fractions in (0, 1)")
+    bad = run_cli("sensitivity", "--task", "ctr", "--dataset", "online-shoppers", "--model", str(model),
+                  "--include", "mlp.nope*", "--out", str(tmp_path / "bad"))
+    _assert_clean_error(bad, "'mlp.nope*' matches no layer")
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "sens"
+    proc = run_cli("sensitivity", "--task", "ctr", "--dataset", "online-shoppers", "--model", str(model),
+                   "--sparsities", "0.5,0.9", "--max-drop", "0.01", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    scan = json.loads((out / "sensitivity.json").read_text())
+    assert scan["metric"] == "auc" and scan["layers"] and scan["max_drop"] == 0.01
+    for name, curve in scan["layers"].items():
+        assert [p["sparsity"] for p in curve] == [0.5, 0.9]
+        ok = [p["sparsity"] for p in curve if scan["baseline"] - p["metric"] <= 0.01]
+        assert scan["proposal"][name] == max(ok, default=0.0)
+    assert (out / "sensitivity.png").stat().st_size > 10_000 and "| proposed |" in (out / "sensitivity.md").read_text()
+    rec = resolve(out / "recipe.yaml")
+    staged = {n: st.sparsity for st in rec.stages for n in st.include}
+    assert staged == {n: s for n, s in scan["proposal"].items() if s > 0}
+    assert run_cli("validate", str(out / "recipe.yaml")).returncode == 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["name"] == "sensitivity-proposal"

@@ -1,4 +1,4 @@
-"""The `slimcart` command: tasks, recipes, techniques, validate, train, compress, bench, demo."""
+"""The `slimcart` command: tasks, recipes, validate, train, compress, sensitivity, bench, demo."""
 from __future__ import annotations
 
 import os
@@ -170,6 +170,62 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
         res.cleanup()
     _print_summary(res.result)
     out.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command()
+def sensitivity(task: str = typer.Option(..., "--task", help="intent, product_image or ctr."),
+                dataset: Optional[str] = typer.Option(None, "--dataset", help="A shipped dataset name or a path."),
+                model: Path = typer.Option(..., "--model", help="A folder from `slimcart train`."),
+                out_dir: Path = typer.Option(..., "--out", help="New folder for the scan, plot and proposed recipe."),
+                sparsities: str = typer.Option("0.25,0.5,0.75,0.9", "--sparsities", help="Fractions in (0, 1), comma-separated."),
+                max_drop: float = typer.Option(0.005, "--max-drop", min=0.0, help="Metric drop allowed per layer (0.005 = half a point)."),
+                limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Validation rows scored per point (default: all)."),
+                layer_types: str = typer.Option("Linear,Conv2d", "--layer-types", help="Layer types to scan."),
+                include: Optional[str] = typer.Option(None, "--include", help="Layer-name patterns to scan, comma-separated."),
+                exclude: Optional[str] = typer.Option(None, "--exclude", help="Layer-name patterns to leave out."),
+                data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
+                label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
+                dense: Optional[str] = Dense, overwrite: bool = Overwrite) -> None:
+    """Scan each layer's sensitivity to magnitude pruning on the validation split and propose
+    per-layer sparsities; writes sensitivity.json/.md/.png and a runnable recipe.yaml.
+
+    Example: slimcart sensitivity --task product_image --dataset fashion-mnist --model runs/cnn --out runs/cnn-sens
+    """
+    from .output import check_output, staged_output
+    from .prune.magnitude import LAYER_TYPES
+    from .prune.sensitivity import propose_sparsities, sensitivity_scan
+    from .report.sensitivity import write_sensitivity
+    from .training import load_trained
+
+    check_output(out_dir, overwrite)
+    try:
+        fracs = [float(v) for v in sparsities.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--sparsities takes comma-separated fractions, got {sparsities!r}.") from None
+    if not fracs or any(not 0.0 < f < 1.0 for f in fracs):
+        raise UsageError(f"--sparsities must be fractions in (0, 1), got {sparsities!r}.")
+    types = _csv(layer_types) or []
+    unknown = [t for t in types if t not in LAYER_TYPES]
+    if not types or unknown:
+        raise UsageError(f"--layer-types: unknown {', '.join(unknown) or '(none given)'}.",
+                         f"Known layer types: {', '.join(LAYER_TYPES)}.")
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
+    net = load_trained(model, t)
+    scan = sensitivity_scan(net, t, fracs, types, _csv(include) or ["*"], _csv(exclude) or [], "val", limit)
+    if not scan["layers"]:
+        raise UsageError("sensitivity: no layer matches --layer-types/--include/--exclude.")
+    proposal = propose_sparsities(scan, max_drop)
+    with staged_output(out_dir, overwrite) as stage:
+        files = write_sensitivity(scan, proposal, max_drop, types, stage)
+    table = Table("layer", *(f"{f:.0%}" for f in sorted(set(fracs))), "proposed",
+                  title=f"{scan['metric']} per layer (unpruned {scan['baseline']:.4f})")
+    for name, curve in scan["layers"].items():
+        table.add_row(name, *(f"{p['metric']:.4f}" for p in curve), f"{proposal[name]:.0%}")
+    out.print(table)
+    if "recipe" in files:
+        out.print(f"proposed recipe: {out_dir / 'recipe.yaml'}  (slimcart compress ... --recipe {out_dir / 'recipe.yaml'})")
+    else:
+        out.print(f"no layer stays within --max-drop {max_drop} at any scanned sparsity; no recipe written.")
 
 
 @app.command()
