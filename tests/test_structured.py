@@ -69,6 +69,22 @@ def test_cnn_channels_hit_the_target_and_residuals_stay_consistent():
     assert 0 < s["mac_reduction"] < 1 and outs(m, "cnn").shape == outs(ref, "cnn").shape
 
 
+def test_magnitude_channels_match_torch_pruning_own_pruner():
+    """With magnitude importance, the adapter keeps exactly the channels that Torch-Pruning's own
+    MagnitudePruner keeps at the same ratio (the benchmark compares the two at the same MACs)."""
+    import torch_pruning as tp
+
+    ref = tiny("cnn").eval()
+    example = tiny_inputs("cnn", 2)
+    pruner = tp.pruner.MagnitudePruner(ref, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                       pruning_ratio=0.5, ignored_layers=[ref.fc], forward_fn=lambda m, x: m(*x))
+    pruner.step()
+    state, _ = run("cnn", channel_prune, ratio=0.5, importance="magnitude")
+    ours = dict(state.torch_model.named_parameters())
+    for name, p in ref.named_parameters():
+        assert torch.equal(ours[name], p), name
+
+
 def test_round_to_iterative_taylor_and_global_pruning_run(tmp_path):
     state, rep = run("cnn", channel_prune, ratio=0.3, round_to=2)
     convs = [c for c in state.torch_model.modules() if isinstance(c, nn.Conv2d)]
