@@ -17,8 +17,8 @@ CASES = [
     # Torch-Pruning's own MagnitudePruner at the same ratio as channel60-ft (so the same MACs), once
     # alone and once with the same fine-tuning budget, measured in the same process.
     ("product_image", "fashion-mnist", ["product_image/channel50-ft", "product_image/channel60-ft",
-                                        tp_recipe("tp-magnitude60-ft", 0.6, 3.0, IMAGE_MEASURE),
-                                        tp_recipe("tp-magnitude60", 0.6, 0.0, IMAGE_MEASURE),
+                                        tp_recipe("tp-magnitude60-ft", 0.6, 3.0, IMAGE_MEASURE, round_to=4),
+                                        tp_recipe("tp-magnitude60", 0.6, 0.0, IMAGE_MEASURE, round_to=4),
                                         "product_image/gradual90", "product_image/prune50-global"],
      "structured-and-gradual"),
     ("intent", "banking77", ["intent/heads50-ft"], "heads-ffn"),

@@ -22,6 +22,7 @@ from slimcart.stage import StageReport
 class TPMagnitudeConfig(TechniqueConfig):
     ratio: float = Field(ge=0.0, lt=1.0)
     finetune_epochs: float = Field(default=0.0, ge=0.0)
+    round_to: int | None = Field(default=None, ge=1)
 
 
 @register("tp_magnitude_pruner", TPMagnitudeConfig, accepts=(TORCH,),
@@ -33,7 +34,7 @@ def tp_magnitude_pruner(state, cfg: TPMagnitudeConfig, ctx) -> StageReport:
     last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
     macs0, params0 = tp.utils.count_ops_and_params(model, example)
     pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                       pruning_ratio=cfg.ratio, ignored_layers=[last],
+                                       pruning_ratio=cfg.ratio, ignored_layers=[last], round_to=cfg.round_to,
                                        forward_fn=lambda m, x: m(*x))
     pruner.step()
     if cfg.finetune_epochs > 0:
@@ -50,9 +51,9 @@ def tp_magnitude_pruner(state, cfg: TPMagnitudeConfig, ctx) -> StageReport:
     return report
 
 
-def recipe(name: str, ratio: float, finetune_epochs: float, measure: dict):
+def recipe(name: str, ratio: float, finetune_epochs: float, measure: dict, round_to: int | None = None):
     from slimcart.recipe import Recipe
 
     return Recipe.from_dict({"name": name, "description": "Torch-Pruning MagnitudePruner (reference)",
-                             "stages": [{"type": "tp_magnitude_pruner", "ratio": ratio,
+                             "stages": [{"type": "tp_magnitude_pruner", "ratio": ratio, "round_to": round_to,
                                          "finetune_epochs": finetune_epochs}], "measure": measure})
