@@ -6,7 +6,8 @@ from pathlib import Path
 
 from slimcart.pipeline import environment
 
-ORDER = ["main.md", "pruning.md", "embedding_rows.md"]
+ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md"]
+HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 
 
 def main() -> None:
@@ -29,6 +30,9 @@ def main() -> None:
     ]
     names = sorted(p.name for p in res.glob("*.md"))
     for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+        for prefix, heading in HEADINGS.items():
+            if name.startswith(prefix) and heading not in parts:
+                parts.append(heading)
         parts.append((res / name).read_text())
     Path("BENCHMARKS.md").write_text("\n".join(parts))
     print("wrote BENCHMARKS.md")
