@@ -90,7 +90,7 @@ def main() -> None:
                     help="baseline training budget (demo: one epoch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lines = ["# Embedding-row pruning", "",
+    lines = ["## Embedding-row pruning", "",
              f"{dt.date.today()}, torch {torch.__version__}, {args.threads} threads, "
              f"{platform.machine()}. Rows kept counts the second-order tables' rows (fallback rows "
              "included); embedding bytes count both tables of every field plus the id maps; "
