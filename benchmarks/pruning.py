@@ -23,7 +23,7 @@ CASES = [
                                         "product_image/gradual90", "product_image/prune50-global"],
      "structured-and-gradual"),
     ("intent", "banking77", ["intent/heads50-ft"], "heads-ffn"),
-    ("ctr", "womens-reviews", ["ctr/nm24-ft", "ctr/prune-threshold"], "nm-and-threshold"),
+    ("ctr", "womens-reviews", ["ctr/mlp50-ft", "ctr/nm24-ft", "ctr/prune-threshold"], "mlp-nm-threshold"),
 ]
 
 
