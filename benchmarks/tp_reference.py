@@ -12,9 +12,7 @@ import torch
 import torch_pruning as tp
 from pydantic import Field
 
-from slimcart.prune.structured import finetune
-from slimcart.models import build
-from slimcart.models.reshape import record_reshape
+from slimcart.prune.structured import count, finish
 from slimcart.registry import TORCH, TechniqueConfig, register
 from slimcart.stage import StageReport
 
@@ -32,22 +30,15 @@ def tp_magnitude_pruner(state, cfg: TPMagnitudeConfig, ctx) -> StageReport:
     model = state.torch_model.eval()
     example = ctx.task.example_inputs(1, "val")
     last = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))][-1]
-    macs0, params0 = tp.utils.count_ops_and_params(model, example)
+    before = count(model, example)
+    with torch.no_grad():
+        out_shape = tuple(model(*example).shape)
     pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=2),
                                        pruning_ratio=cfg.ratio, ignored_layers=[last], round_to=cfg.round_to,
                                        forward_fn=lambda m, x: m(*x))
     pruner.step()
-    if cfg.finetune_epochs > 0:
-        report.stats["val_after_prune"] = ctx.task.evaluate(model, "val")
-        rec = finetune(model, ctx, cfg.finetune_epochs, "tp_magnitude_pruner")
-        report.stats["val_after_finetune"] = rec["val"]
-    model.eval()
-    state.spec = {**state.spec, "reshape": record_reshape(
-        model, build({k: v for k, v in state.spec.items() if k != "reshape"}))}
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    report.stats.update(macs_before=int(macs0), macs_after=int(macs), params_before=int(params0),
-                        params_after=int(params), mac_reduction=round(1 - macs / macs0, 4),
-                        param_reduction=round(1 - params / params0, 4))
+    # the same shape check, fine-tuning, reshape record and MAC/param stats as channel_prune
+    finish(state, ctx, report, before, example, out_shape, cfg.finetune_epochs)
     return report
 
 

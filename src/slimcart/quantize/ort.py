@@ -60,9 +60,10 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
         raise ModelError(f"ONNX Runtime's dynamic quantizer failed on {src.name}: {exc}") from None
     before = {n.name: n.op_type for n in onnx.load(str(src)).graph.node}
     after = onnx.load(str(out)).graph
+    quantized = _quantized_nodes(after)
     for name, op in before.items():
         if op in cfg.op_types:
-            if _quantized(after, name):
+            if name in quantized:
                 report.changed[name] = f"{op} -> int8 weights"
             else:
                 report.skipped[name] = f"{op}: left in float by the quantizer (no constant weight input)"
@@ -72,19 +73,17 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
     return report
 
 
-def _quantized(graph: onnx.GraphProto, name: str) -> bool:
-    """Whether the quantizer rewrote node ``name``: into an integer op (MatMulInteger,
-    ConvInteger, ...), or to read an int8 initializer (Gather over a quantized table)."""
-    nodes = {n.name: n for n in graph.node}
-    producers = {o: n for n in graph.node for o in n.output}
-    q = nodes.get(f"{name}_quant")
-    if q is not None and q.op_type in ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"):
-        return True
-    node = nodes.get(name)
-    if node is None or not node.input:
-        return False
-    src = producers.get(node.input[0])
-    if src is not None and src.op_type == "DequantizeLinear":
-        return True
-    int8 = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    return any(t.name == node.input[0] and t.data_type in int8 for t in graph.initializer)
+def _quantized_nodes(graph: onnx.GraphProto) -> set[str]:
+    """Names of the original nodes the quantizer rewrote: into an integer op (``<name>_quant``:
+    MatMulInteger, ConvInteger, ...), or to read an int8 initializer or a DequantizeLinear output
+    (a Gather over a quantized table)."""
+    integer_ops = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    int8 = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    out = set()
+    for n in graph.node:
+        if n.op_type in integer_ops and n.name.endswith("_quant"):
+            out.add(n.name.removesuffix("_quant"))
+        elif n.input and (n.input[0] in dequantized or n.input[0] in int8):
+            out.add(n.name)
+    return out

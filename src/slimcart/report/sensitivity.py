@@ -15,8 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 
-def proposal_recipe(proposal: dict[str, float], max_drop: float, layer_types: list[str],
-                    measure: dict | None = None) -> dict[str, Any]:
+def proposal_recipe(proposal: dict[str, float], max_drop: float, layer_types: list[str]) -> dict[str, Any]:
     """A recipe dict pruning each layer to its proposed sparsity; layers at 0 are left out."""
     by_sparsity: dict[float, list[str]] = {}
     for name, s in proposal.items():
@@ -24,13 +23,10 @@ def proposal_recipe(proposal: dict[str, float], max_drop: float, layer_types: li
             by_sparsity.setdefault(s, []).append(name)
     stages = [{"type": "magnitude_prune", "sparsity": s, "scope": "layer", "layer_types": list(layer_types),
                "include": sorted(names)} for s, names in sorted(by_sparsity.items(), reverse=True)]
-    rec = {"name": "sensitivity-proposal", "version": 1,
-           "description": f"Per-layer magnitude sparsities from a sensitivity scan (max_drop={max_drop} "
-                          "per layer, each layer scored alone; the combined drop can be larger).",
-           "stages": stages}
-    if measure:
-        rec["measure"] = measure
-    return rec
+    return {"name": "sensitivity-proposal", "version": 1,
+            "description": f"Per-layer magnitude sparsities from a sensitivity scan (max_drop={max_drop} "
+                           "per layer, each layer scored alone; the combined drop can be larger).",
+            "stages": stages}
 
 
 def to_markdown(scan: dict[str, Any], proposal: dict[str, float], max_drop: float) -> str:
@@ -41,9 +37,8 @@ def to_markdown(scan: dict[str, Any], proposal: dict[str, float], max_drop: floa
              f"column is the highest sparsity whose drop is at most {max_drop}.", "",
              "| layer | " + " | ".join(f"{s:.0%}" for s in sparsities) + " | proposed |",
              "|---|" + "---|" * (len(sparsities) + 1)]
-    for name, curve in scan["layers"].items():
-        vals = {p["sparsity"]: p["metric"] for p in curve}
-        lines.append(f"| {name} | " + " | ".join(f"{vals[s]:.4f}" if s in vals else "" for s in sparsities)
+    for name, curve in scan["layers"].items():  # every curve has every sparsity, ascending
+        lines.append(f"| {name} | " + " | ".join(f"{p['metric']:.4f}" for p in curve)
                      + f" | {proposal.get(name, 0.0):.0%} |")
     if scan.get("skipped"):
         lines += ["", "Not scanned: " + "; ".join(f"{k} ({v})" for k, v in scan["skipped"].items())]
@@ -69,7 +64,7 @@ def plot(scan: dict[str, Any], path: Path) -> Path:
 
 
 def write_sensitivity(scan: dict[str, Any], proposal: dict[str, float], max_drop: float,
-                      layer_types: list[str], out: Path, measure: dict | None = None) -> dict[str, Path]:
+                      layer_types: list[str], out: Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"json": out / "sensitivity.json", "markdown": out / "sensitivity.md",
              "plot": out / "sensitivity.png", "recipe": out / "recipe.yaml"}
@@ -77,7 +72,7 @@ def write_sensitivity(scan: dict[str, Any], proposal: dict[str, float], max_drop
     files["markdown"].write_text(to_markdown(scan, proposal, max_drop))
     plot(scan, files["plot"])
     if any(s > 0 for s in proposal.values()):
-        files["recipe"].write_text(yaml.safe_dump(proposal_recipe(proposal, max_drop, layer_types, measure),
+        files["recipe"].write_text(yaml.safe_dump(proposal_recipe(proposal, max_drop, layer_types),
                                                   sort_keys=False))
     else:
         del files["recipe"]  # a recipe needs at least one stage
