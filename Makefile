@@ -3,12 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test bench fashion-mnist clean
+.PHONY: install demo test test-all bench fashion-mnist clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3 setuptools==84.2.1 wheel==0.48.0
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.lock pytest==9.2.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-* && touch $@
@@ -26,7 +26,12 @@ fashion-mnist:
 demo: install fashion-mnist
 	$(VENV)/bin/slimcart demo --out runs/demo --overwrite
 
+# unit tests on tiny models (minutes)
 test: install
+	$(PY) -m pytest -q -m "not slow"
+
+# everything, including the tests that train real models on real data (CI runs this)
+test-all: install fashion-mnist
 	$(PY) -m pytest -q
 
 bench: install fashion-mnist

@@ -99,17 +99,9 @@ def test_real_data_outputs_unchanged_for_kept_rows(ctr_task, ctr_model, tmp_path
         r == "already row-pruned" for k, r in again.skipped.items() if k in report.changed)
 
 
-def test_artifact_round_trip_and_onnx(ctr_task, ctr_model, tmp_path, monkeypatch):
+def test_artifact_round_trip_and_onnx(ctr_task, ctr_model, tmp_path):
     state, _ = _prune(ctr_task, ctr_model, ctr_model.slimcart_spec, tmp_path, keep_ratio=0.3)
 
-    def build(spec):  # what models.registry.build does once it knows "row_pruning"
-        model = model_registry.build(spec)
-        if spec.get("row_pruning") and not any(isinstance(e, CompactEmbedding)
-                                               for e in model.embeddings):
-            apply_row_pruning(model, spec["row_pruning"])
-        return model
-
-    monkeypatch.setattr(artifact, "build", build)
     names, x = ctr_task.input_names, ctr_task.example_inputs(256)
     folder = artifact.save(state, tmp_path / "m", task={"name": "ctr"}, examples=x,
                            input_names=names)

@@ -54,7 +54,7 @@ def test_gradual_prune_reaches_the_target_and_keeps_masks(ctr_task, ctr_model, t
     sched = rep.stats["schedule"]
     assert [e["target_sparsity"] for e in sched] == pytest.approx(cubic_schedule(0.0, 0.8, 3))
     total = sum(m.weight.numel() for m in _layers(model).values())
-    folder = tmp_path / "stage1-gradual"
+    folder = tmp_path / "checkpoints" / "stage1-gradual"
     prev_zero = None
     for e in sched:
         # exact per layer (to the weight) => exact overall, and no pruned weight revived by training

@@ -50,6 +50,7 @@ def test_numbers_are_consistent(run):
     q = by["onnx-int8"]
     assert q.format == "onnx" and set(q.latency_ms) == {"onnxruntime"}
     assert any("torch: not measured" in n for n in q.notes)
+    assert q.size_bytes_served == {"onnxruntime": q.size_bytes}
     assert q.compression_ratio > 2.5  # int8 embedding tables and MLP: about 4x fewer weight bytes
     assert q.speedup_vs_baseline["onnxruntime"]["16"] == pytest.approx(
         base.latency_ms["onnxruntime"]["16"].p50 / q.latency_ms["onnxruntime"]["16"].p50)
@@ -57,15 +58,28 @@ def test_numbers_are_consistent(run):
     assert abs(q.metrics["auc"] - base.metrics["auc"]) < 0.01
     d = by["int8-dynamic"]
     assert d.format == "torch_int8" and any("cannot be exported" in n for n in d.notes)
+    # a float PyTorch variant timed in ONNX Runtime: the ONNX it ran is saved and its size reported
+    pt = by["prune-threshold"]
+    assert pt.served["onnxruntime"] == "variants/prune-threshold/served/onnxruntime"
+    assert pt.size_bytes_served["torch"] == pt.size_bytes != pt.size_bytes_served["onnxruntime"]
+    assert pt.served_parity["onnxruntime"]["max_abs_diff"] < 1e-4
     assert d.agreement["decision_agreement"] > 0.98
     assert d.stages[0]["skipped"]["embeddings.0"].startswith("Embedding")
     p = by["prune-threshold"]
     assert p.stages[0]["stats"]["sparsity"] > 0.1
     for v in result.variant_rows():
-        for per in v.latency_ms.values():
-            for pct in per.values():
-                assert pct.runs >= 30 and pct.p50 <= pct.p95 <= pct.p99
+        for rt, per in v.latency_ms.items():
+            for b, pct in per.items():
+                assert pct.runs == 30 * 3 and pct.calls_per_block == 3    # equal blocks for every case
+                assert pct.p50_low <= pct.p50 <= pct.p50_high and pct.p50 <= pct.p95 <= pct.p99
+                assert v.throughput[rt][b] > 0 and v.latency_deployed_ms[rt][b].p50 > 0
+                sp = v.speedup[rt][b]
+                assert sp.low <= sp.x <= sp.high and v.speedup_vs_baseline[rt][b] == sp.x
         assert v.peak_memory_mb and all(m > 50 for m in v.peak_memory_mb.values())
+        assert set(v.val_metrics) == set(v.metrics) == {"auc", "logloss"}
+    assert result.baseline.speedup["torch"]["1"].verdict == "no measured difference"
+    assert [r["label"] for r in result.runtimes] == ["torch", "onnxruntime"]
+    assert result.environment["cpu_features"] is not None and "torch_cpu_capability" in result.environment
 
 
 def test_failed_run_leaves_nothing_behind(ctr_task, ctr_model, tmp_path, monkeypatch):
@@ -101,3 +115,41 @@ def test_demo_job_on_ctr(tmp_path):
     assert all(r["task"] == "ctr/womens-reviews" for r in rows)
     with pytest.raises(sc.UsageError, match="already exists"):
         run_demo(tmp_path / "demo", progress=False, tasks=["ctr"])
+
+
+def test_identical_models_are_no_measured_difference(ctr_task, ctr_model):
+    """The `onnx` variant is the same graph as the baseline's served ONNX export."""
+    from slimcart.accelerate.onnx_export import OnnxExportConfig
+
+    same = sc.Recipe([OnnxExportConfig()], name="onnx")
+    res = sc.compress(ctr_model, ctr_task, [same], progress=False, measure=sc.MeasureConfig(
+        batch_sizes=[64], runtimes=["onnxruntime"], rounds=60, memory=False, deployed=False,
+        throughput_seconds=0.0))
+    try:
+        v = res.result.variants[0]
+        assert v.speedup["onnxruntime"]["64"].verdict == "no measured difference"
+        assert v.agreement["max_abs_prob_diff"] < 1e-6
+    finally:
+        res.cleanup()
+
+
+def test_session_scores_validation_and_tests_only_chosen(ctr_task, ctr_model, tmp_path):
+    """A search's view: candidates are scored on validation; test is scored for chosen ones only."""
+    from slimcart.measure.session import Session
+    from slimcart.pipeline import apply_recipe, baseline_state, measure_session
+    from slimcart.recipe import resolve
+
+    m = sc.MeasureConfig(batch_sizes=[1], memory=False, deployed=False, throughput_seconds=0.0)
+    s = Session(ctr_task, m, tmp_path, progress=False)
+    base, _, _ = baseline_state(ctr_model, ctr_task)
+    s.add("baseline", base, baseline=True)
+    for name in ("ctr/prune-threshold", "ctr/onnx-int8"):
+        r = resolve(name)
+        state, reports = apply_recipe(base, r, ctr_task, tmp_path / r.name, progress=False)
+        s.add(r.name, state, recipe=r, stages=reports)
+    assert all(set(c.outputs) == {"val"} for c in s.candidates.values())   # test not looked at
+    best = max(["prune-threshold", "onnx-int8"], key=lambda n: s.val_metrics(n)["auc"])
+    result = measure_session(s, [best], {})
+    assert [v.name for v in result.variants] == [best]
+    assert "test" not in s.candidates[{"prune-threshold", "onnx-int8"}.difference([best]).pop()].outputs
+    s.close()

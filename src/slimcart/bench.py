@@ -1,4 +1,6 @@
-"""`slimcart bench`: one saved model measured alone, on the real input batch stored with it."""
+"""`slimcart bench`: one saved model measured alone, on the real input batch stored with it, in
+every runtime that can serve it (the runtime's own artifact: the folder's model, or the
+``served/<runtime>/`` artifact that `compress` saved beside it, or a conversion made for this run)."""
 from __future__ import annotations
 
 import tempfile
@@ -6,44 +8,44 @@ from pathlib import Path
 
 import torch
 
-from . import artifact
-from .measure.latency import interleaved
-from .measure.runtimes import OrtRunner, TorchRunner, set_threads
-from .registry import TORCH
+from . import artifact, formats
+from .errors import ModelError
+from .measure.latency import interleaved, sustained_throughput
+from .measure.runtimes import parse_choice, set_threads
 
 
 def bench_artifact(folder: Path, batch_sizes: list[int], rounds: int = 30,
-                   threads: int | None = None) -> list[dict]:
+                   threads: int | None = None, runtimes: list | None = None) -> list[dict]:
+    folder = Path(folder)
     threads = set_threads(threads)
     meta = artifact.read_meta(folder)
     names = tuple(meta["inputs"])
     state = artifact.load(folder)
-    examples = artifact.load_examples(folder)
-    runners = {}
+    try:
+        examples = artifact.load_examples(folder)
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelError(f"Cannot read the example batch {folder / artifact.EXAMPLES}: {exc}",
+                         "The folder is damaged; save the model again.") from None
+    runners, sizes, where = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        if state.torch_model is not None:
-            runners["torch"] = TorchRunner(state.torch_model)
-        if state.onnx_path is not None:
-            runners["onnxruntime"] = OrtRunner(state.onnx_path, names, threads)
-        elif state.format == TORCH:
-            from .accelerate.onnx_export import export_onnx
-
-            axes = {n: {0: "batch"} for n in names} | {"logits": {0: "batch"}}
-            if "input_ids" in names:
-                axes.update({n: {0: "batch", 1: "sequence"} for n in names})
-            runners["onnxruntime"] = OrtRunner(export_onnx(state.torch_model, examples, Path(tmp) / "m.onnx",
-                                                           names, axes), names, threads)
+        for choice in [parse_choice(r) for r in (runtimes or ["torch", "onnxruntime"])]:
+            got = formats.served_state(folder, state, choice.runtime.family, Path(tmp))
+            if got is None:
+                continue
+            served, sizes[choice.label], where[choice.label] = got
+            runners[choice.label] = choice.runner(served, names, threads)
         cases = {}
         for rt, fn in runners.items():
             for b in batch_sizes:
                 idx = torch.arange(b) % examples[0].shape[0]
                 cases[(rt, b)] = (fn, tuple(t[idx].contiguous() for t in examples), b)
         timings = interleaved(cases, rounds, warmup=3, progress=False)
-    size = artifact.size_bytes(folder)
+        rates = {k: sustained_throughput(fn, x, b, 0.5)["samples_per_s"] for k, (fn, x, b) in cases.items()}
     rows = []
     for (rt, b), t in timings.items():
         s = t.summary()
-        rows.append({"runtime": rt, "batch": b, "p50 ms": f"{s['p50']:.3f}", "p95 ms": f"{s['p95']:.3f}",
-                     "p99 ms": f"{s['p99']:.3f}", "samples/s": f"{t.throughput():.1f}",
-                     "size MB": f"{size / 1e6:.3f}", "format": meta["format"], "threads": threads})
+        rows.append({"runtime": rt, "batch": b, "p50 ms": f"{s['p50']:.3f}",
+                     "p50 95% CI": f"[{s['p50_low']:.3f}, {s['p50_high']:.3f}]", "p95 ms": f"{s['p95']:.3f}",
+                     "p99 ms": f"{s['p99']:.3f}", "samples/s": f"{rates[(rt, b)]:.1f}",
+                     "size MB": f"{sizes[rt] / 1e6:.3f}", "artifact": where[rt], "threads": threads})
     return rows

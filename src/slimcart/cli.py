@@ -28,6 +28,7 @@ Dense = typer.Option(None, "--dense", help="ctr, table data: dense (numeric) col
 Seed = typer.Option(0, "--seed", help="Seed for splits and training.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace OUT if it exists.")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
+CHECKPOINT_EVERY = 200  # optimizer steps between training checkpoints
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -44,11 +45,12 @@ def _ints(value: str, flag: str) -> list[int]:
     return vals
 
 
-def _load_task(task, dataset, data_dir, seed, text_column=None, label_column=None, categorical=None, dense=None):
+def _load_task(task, dataset, data_dir, seed, text_column=None, label_column=None, categorical=None, dense=None,
+               **options):
     from .tasks import load_task
 
     return load_task(task, dataset, data_dir=data_dir, seed=seed, text_column=text_column,
-                     label_column=label_column, categorical=_csv(categorical), dense=_csv(dense))
+                     label_column=label_column, categorical=_csv(categorical), dense=_csv(dense), **options)
 
 
 @app.command()
@@ -85,6 +87,24 @@ def recipes() -> None:
     for name, t in registry.techniques().items():
         tech.add_row(name, "/".join(t.accepts), t.summary)
     out.print(tech)
+
+
+@app.command("runtimes")
+def list_runtimes() -> None:
+    """List the runtimes and model formats: which runtime serves which format, and their options.
+
+    Example: slimcart runtimes
+    """
+    from . import formats
+    from .measure.runtimes import runtimes as table_of
+
+    table = Table("runtime", "serves formats", "options (recipe: measure.runtimes)", "what")
+    for name, rt in table_of().items():
+        served = [f for f, fmt in formats.formats().items() if rt.family in fmt.serves]
+        converted = [f"{f} (converted)" for f, fmt in formats.formats().items() if rt.family in fmt.convert]
+        opts = ", ".join(f"{k}={v.default}" for k, v in rt.config_cls.model_fields.items() if k != "label")
+        table.add_row(name, ", ".join(served + converted), opts or "-", rt.summary)
+    out.print(table)
 
 
 @app.command()
@@ -126,13 +146,20 @@ def train(task: str = typer.Option(..., "--task", help="intent, product_image or
 
     if budget not in ("full", "demo"):
         raise UsageError(f"--budget must be 'full' or 'demo', got {budget!r}.")
+    import shutil
+
     check_output(out_dir, overwrite)
     t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
-    model = t.train_baseline(budget, seed=seed, progress=not quiet)
+    # an interrupted run resumes from here (same command); removed once the model is saved
+    ckpt = out_dir.parent / f".{out_dir.name}.checkpoint"
+    model = t.train_baseline(budget, seed=seed, progress=not quiet, checkpoint_dir=ckpt,
+                             checkpoint_every=CHECKPOINT_EVERY)
     save_trained(model, t, out_dir, overwrite)
+    shutil.rmtree(ckpt, ignore_errors=True)
     rec = model.slimcart_training
+    resumed = f", resumed at step {rec['resumed_from_step']}" if rec.get("resumed_from_step") else ""
     out.print(f"saved {out_dir}  test: " + ", ".join(f"{k}={v:.4f}" for k, v in rec["test"].items())
-              + f"  ({rec['seconds']} s, {rec['epochs']} epochs)")
+              + f"  ({rec['seconds']} s, {rec['epochs']} epochs{resumed})")
 
 
 @app.command()
@@ -140,19 +167,25 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
              dataset: Optional[str] = typer.Option(None, "--dataset", help="A shipped dataset name or a path."),
              recipe: list[str] = typer.Option(..., "--recipe", help="Recipe file or shipped name; repeat for more variants."),
              out_dir: Path = typer.Option(..., "--out", help="New folder for artifacts and the report."),
-             model: Optional[Path] = typer.Option(None, "--model", help="A folder from `slimcart train` (default: train one now)."),
+             model: Optional[str] = typer.Option(None, "--model", help=(
+                 "The model to compress (default: train one now): a folder from `slimcart train`, a "
+                 "Hugging Face sequence-classification folder, an ONNX file, or torchvision:NAME / "
+                 "timm:NAME with --weights.")),
+             weights: Optional[Path] = typer.Option(None, "--weights", help="safetensors state dict for torchvision:NAME / timm:NAME."),
              budget: str = typer.Option("demo", "--budget", help="Training budget when no --model: full or demo."),
              batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,32 (overrides the recipe)."),
              data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
              label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
              dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
-    """Apply recipes to a baseline, measure every variant against it, write the report.
+    """Apply recipes to a model, measure every variant against it, write the report.
 
     Example: slimcart compress --task intent --dataset bitext --recipe intent/onnx-int8 --out runs/intent
+
+    Example: slimcart compress --task intent --dataset bitext --model my-hf-classifier/ --recipe intent/heads50-ft --out runs/hf
     """
     from .output import check_output
     from .recipe import resolve
-    from .training import load_trained
+    from .sources import resolve_source
     from . import pipeline
 
     check_output(out_dir, overwrite)
@@ -160,9 +193,11 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
     measure = recs[0].measure
     if batch_sizes:
         measure = measure.model_copy(update={"batch_sizes": _ints(batch_sizes, "--batch-sizes")})
-    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
-    base = load_trained(model, t) if model else t.train_baseline(budget, seed=seed, progress=not quiet)
-    res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet,
+    src = resolve_source(model, weights=weights) if model else None
+    options = dict(src.task_options) if src is not None else {}
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense, **options)
+    base = model if model else t.train_baseline(budget, seed=seed, progress=not quiet)
+    res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet, weights=weights,
                             baseline_info=getattr(base, "slimcart_training", None))
     try:
         res.save(out_dir, overwrite)
@@ -231,14 +266,22 @@ def sensitivity(task: str = typer.Option(..., "--task", help="intent, product_im
 @app.command()
 def bench(artifact_dir: Path = typer.Argument(..., help="A model folder written by slimcart."),
           batch_sizes: str = typer.Option("1,32", "--batch-sizes"),
-          rounds: int = typer.Option(30, "--rounds", min=5), threads: Optional[int] = typer.Option(None, "--threads")) -> None:
+          rounds: int = typer.Option(30, "--rounds", min=5), threads: Optional[int] = typer.Option(None, "--threads"),
+          runtime: Optional[list[str]] = typer.Option(None, "--runtime", help=(
+              "Runtime name (see `slimcart runtimes`); repeat for more. Default: torch and onnxruntime."))) -> None:
     """Measure one saved model alone: size on disk and latency per runtime and batch size.
 
     Example: slimcart bench runs/ctr/variants/onnx-int8 --batch-sizes 1,64
     """
     from .bench import bench_artifact
+    from .measure.runtimes import parse_choice
 
-    rows = bench_artifact(artifact_dir, _ints(batch_sizes, "--batch-sizes"), rounds, threads)
+    for r in runtime or []:
+        try:
+            parse_choice(r)
+        except ValueError as exc:
+            raise UsageError(f"--runtime: {exc}") from None
+    rows = bench_artifact(artifact_dir, _ints(batch_sizes, "--batch-sizes"), rounds, threads, runtime or None)
     table = Table(*rows[0].keys())
     for r in rows:
         table.add_row(*(str(v) for v in r.values()))
@@ -291,3 +334,36 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+@app.command()
+def predict(model_dir: Path = typer.Argument(..., help="A model folder saved by slimcart (with preprocess.json)."),
+            input_path: Path = typer.Option(..., "--input", help="CSV/parquet rows, a .txt file (one text per "
+                                            "line), an image file or a folder of images."),
+            runtime: Optional[str] = typer.Option(None, "--runtime", help="torch or onnxruntime (default: the first the model has)."),
+            out_csv: Optional[Path] = typer.Option(None, "--out", help="Write the predictions to this CSV instead of printing them."),
+            limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Predict the first N inputs only.")) -> None:
+    """Run a saved model on raw inputs, with the preprocessing saved next to it.
+
+    Example: slimcart predict runs/ctr/artifacts/baseline --input rows.csv --out preds.csv
+    """
+    from .serving import load_bundle
+
+    if not input_path.exists():
+        raise UsageError(f"--input {input_path} does not exist.")
+    preds = load_bundle(model_dir).predict(input_path, runtime, limit=limit)
+    has_input = "input" in preds.columns
+    preds.index.name = None if has_input else "row"
+    if out_csv is not None:
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        preds.to_csv(out_csv, index=not has_input)
+        out.print(f"wrote {len(preds)} predictions to {out_csv}")
+        return
+    shown = preds.head(50)
+    table = Table(*([] if has_input else ["row"]), *preds.columns)
+    for idx, r in shown.iterrows():
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.tolist()]
+        table.add_row(*([] if has_input else [str(idx)]), *cells)
+    out.print(table)
+    if len(preds) > len(shown):
+        out.print(f"... {len(preds) - len(shown)} more rows; write them all with --out FILE.csv")

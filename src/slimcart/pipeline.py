@@ -11,36 +11,22 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import artifact, registry
-from .errors import UsageError
-from .measure.latency import interleaved
-from .measure.memory import peak_rss_mb
-from .measure.runtimes import OrtRunner, TorchRunner, set_threads
+from . import registry
+from .errors import RecipeError, UsageError
+from .measure.session import Session
 from .output import staged_output
-from .recipe import MeasureConfig, Recipe, resolve, technique_name
-from .result import Percentiles, Result, Variant
+from .recipe import MeasureConfig, Recipe, check_order, resolve, technique_name
+from .result import Result, Variant
 from .stage import ModelState, StageContext, StageReport
 from .tasks.base import Task
 
 SPEC_ATTR = "slimcart_spec"
-
-
-@dataclass
-class _Run:
-    name: str
-    recipe: Recipe | None
-    folder: Path
-    stages: list[StageReport] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    runners: dict[str, Any] = field(default_factory=dict)
-    measure_onnx: Path | None = None  # ONNX export of a PyTorch variant, made only for measurement
 
 
 @dataclass
@@ -88,139 +74,143 @@ def apply_recipe(state: ModelState, recipe: Recipe, task: Task, workdir: Path,
     return state, reports
 
 
-def compress(model: torch.nn.Module, task: Task, recipe: Any, *, spec: dict | None = None,
+def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
              measure: MeasureConfig | None = None, progress: bool = True,
-             baseline_info: dict | None = None) -> CompressResult:
-    """Compress ``model`` with one recipe or a list of recipes and measure every variant
-    against the baseline. ``spec`` rebuilds the architecture (set by train_baseline)."""
+             baseline_info: dict | None = None, weights: str | Path | None = None) -> CompressResult:
+    """Compress ``model`` with one recipe or a list of recipes and measure every variant against it.
+
+    ``model``: an nn.Module (trained by slimcart, or any module: the task's inputs are its example
+    inputs), a slimcart model folder, a Hugging Face sequence-classification folder, an ONNX file,
+    or ``"torchvision:NAME"`` / ``"timm:NAME"`` with ``weights`` (a safetensors state dict).
+    Variants are scored on validation; all of them are chosen, timed and scored on test."""
     recipes = [resolve(r) for r in (recipe if isinstance(recipe, (list, tuple)) else [recipe])]
-    spec = spec or getattr(model, SPEC_ATTR, None)
-    if spec is None:
-        raise UsageError("compress needs the model's architecture spec to save it without pickle.",
-                         "Train it with task.train_baseline() or pass spec={'arch': ..., 'config': ...}.")
+    base_state, source_note, info = baseline_state(model, task, spec=spec, weights=weights)
+    problems = [f"{r.source}: {p}" for r in recipes
+                for p in check_order(r.stages, base_state.format, f"the {source_note}")]
+    if problems:
+        raise RecipeError("(for this model)", problems)
     measure = measure or recipes[0].measure
-    threads = set_threads(measure.threads)
     workdir = Path(tempfile.mkdtemp(prefix="slimcart-"))
     try:
-        return _compress(model, task, recipes, spec, measure, threads, workdir, progress, baseline_info)
+        session = Session(task, measure, workdir, progress=progress)
+        session.add("baseline", base_state, baseline=True)
+        for r in recipes:
+            name = _unique(r.name, set(session.candidates))
+            state, reports = apply_recipe(base_state, r, task, workdir / "stages" / name, progress)
+            cand = session.add(name, state, recipe=r, stages=reports)
+            kept = workdir / "stages" / name / "checkpoints"
+            if kept.is_dir():  # e.g. gradual pruning's per-step checkpoints, saved with the variant
+                shutil.copytree(kept, cand.folder / "checkpoints")
+        result = measure_session(session, list(session.candidates), baseline_info or info or {},
+                                 source=source_note)
+        session.close()
+        return CompressResult(result, workdir)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
 
 
-def _compress(model, task, recipes, spec, measure, threads, workdir, progress, baseline_info):
-    arts = workdir / "artifacts"
-    examples = task.example_inputs(max(32, max(measure.batch_sizes)), "test")
-    desc = {"name": task.name, "dataset": task.dataset, **{k: v for k, v in task.info.items()
-                                                            if k in ("classes", "num_classes")}}
-    base_state = ModelState.from_module(model, spec)
-    base = _Run("baseline", None, artifact.save(base_state, arts / "baseline", task=desc, examples=examples,
-                                                 input_names=task.input_names))
-    runs, used = [base], {"baseline"}
-    for r in recipes:
-        name = _unique(r.name, used)
-        state, reports = apply_recipe(base_state, r, task, workdir / "stages" / name, progress)
-        folder = artifact.save(state, arts / "variants" / name, task=desc, examples=examples,
-                               input_names=task.input_names, stages=[x.to_dict() for x in reports])
-        runs.append(_Run(name, r, folder, reports))
-    for run in runs:
-        _make_runners(run, task, measure, threads, workdir)
-    outputs = {run.name: _score(run, task, measure) for run in runs}
-    cases = {(run.name, rt, b): (fn, task.collate(_batch(examples, b)), b)
-             for run in runs for rt, fn in run.runners.items() for b in measure.batch_sizes}
-    timings = interleaved(cases, measure.rounds, measure.warmup, progress)
-    base_out = outputs["baseline"]
-    variants = []
-    for run in runs:
-        lat = {rt: {str(b): Percentiles(**timings[(run.name, rt, b)].summary()) for b in measure.batch_sizes}
-               for rt in run.runners}
-        thr = {rt: {str(b): round(timings[(run.name, rt, b)].throughput(), 2) for b in measure.batch_sizes}
-               for rt in run.runners}
-        mem, model_mem = {}, {}
-        if measure.memory:
-            for rt in run.runners:
-                got = peak_rss_mb(run.folder, rt, max(measure.batch_sizes), threads,
-                                  run.measure_onnx if rt == "onnxruntime" else None)
-                if got:
-                    mem[rt], model_mem[rt] = got["peak_rss_mb"], got["model_and_run_mb"]
-        variants.append(dict(
-            name=run.name, recipe=run.recipe.source if run.recipe else None,
-            artifact=str(run.folder.relative_to(arts)), format=artifact.read_meta(run.folder)["format"],
-            size_bytes=artifact.size_bytes(run.folder), metrics=task.metrics(outputs[run.name], task.labels("test", measure.eval_limit)),
-            latency_ms=lat, throughput=thr, agreement=task.agreement(base_out, outputs[run.name]),
-            peak_memory_mb=mem, model_memory_mb=model_mem, stages=[s.to_dict() for s in run.stages], notes=run.notes))
-    b = variants[0]
+def measure_session(session: Session, names: list[str], baseline_info: dict, source: str = "") -> Result:
+    """Time the chosen candidates against the baseline and score them on test: the Result."""
+    timings = session.time(names)
+    task = session.task
+    base = session.variant_record(session.baseline, timings)
+    variants = [base] + [session.variant_record(session.candidates[n], timings)
+                         for n in names if n != session.baseline.name]
     for v in variants:
-        v["compression_ratio"] = b["size_bytes"] / max(1, v["size_bytes"])
-        v["speedup_vs_baseline"] = {
-            rt: {k: b["latency_ms"][rt][k].p50 / p.p50 for k, p in per.items()}
-            for rt, per in v["latency_ms"].items() if rt in b["latency_ms"]}
-    result = Result(task=task.name, dataset=task.dataset, threads=threads, primary_metric=task.primary_metric,
-                    baseline=Variant(**variants[0]), variants=[Variant(**v) for v in variants[1:]],
-                    environment=environment(), created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                    data=task.describe() | {"classes": None}, measure=measure.model_dump(),
-                    baseline_training=baseline_info or {})
-    return CompressResult(result, workdir)
+        v["compression_ratio"] = base["size_bytes"] / max(1, v["size_bytes"])
+        v["speedup_vs_baseline"] = {rt: {b: d["x"] for b, d in per.items()} for rt, per in v["speedup"].items()}
+    return Result(task=task.name, dataset=task.dataset, threads=session.threads,
+                  primary_metric=task.primary_metric, baseline=Variant(**variants[0]),
+                  variants=[Variant(**v) for v in variants[1:]], environment=environment(),
+                  created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  data=task.describe() | {"classes": None}, measure=session.measure.model_dump(mode="json"),
+                  runtimes=[c.record() for c in session.choices], baseline_training=baseline_info,
+                  model_source=source, selection="all variants chosen; metrics on test, val_metrics on validation")
 
 
-def _make_runners(run: _Run, task: Task, measure: MeasureConfig, threads: int, workdir: Path) -> None:
-    """Load the saved artifact back and build a runner for each runtime it can be served in."""
-    from .accelerate.onnx_export import export_onnx
+def baseline_state(model: Any, task: Task, *, spec: dict | None = None,
+                   weights: str | Path | None = None) -> tuple[ModelState, str, dict]:
+    """The model to compress as a ModelState, a one-line description, and its training record."""
+    from . import sources
 
-    state = artifact.load(run.folder)
-    for rt in measure.runtimes:
-        if rt == "torch":
-            if state.torch_model is None:
-                run.notes.append("torch: not measured: the artifact is an ONNX graph")
-            else:
-                run.runners[rt] = TorchRunner(state.torch_model)
-        elif rt == "onnxruntime":
-            path = state.onnx_path
-            if state.format == registry.TORCH_INT8:
-                run.notes.append("onnxruntime: not measured: dynamic-quantized PyTorch layers cannot "
-                                 "be exported to ONNX (use onnx_export + ort_int8_dynamic)")
-                continue
-            if path is None:
-                path = export_onnx(state.torch_model, task.example_inputs(2, "val"),
-                                   workdir / f"measure-{run.name}.onnx", task.input_names,
-                                   task.dynamic_axes())
-                run.measure_onnx = path
-                run.notes.append("onnxruntime: measured on an ONNX export of this PyTorch model")
-            run.runners[rt] = OrtRunner(path, task.input_names, threads)
+    if isinstance(model, torch.nn.Module):
+        spec = spec or getattr(model, SPEC_ATTR, None)
+        if spec is None:  # a plain module: check it runs on the task's inputs, keep a copy to rebuild it
+            from .models.registry import instance_spec
 
+            sources.resolve_source(model, example_inputs=task.example_inputs(2, "val"))
+            _check_runs(model, task, f"model {type(model).__name__}")
+            spec = instance_spec(model)
+        return ModelState.from_module(model, spec), "model", getattr(model, "slimcart_training", {})
+    src = sources.resolve_source(model, weights=Path(weights) if weights else None)
+    if src.kind == "slimcart":
+        from .training import load_trained
 
-def _score(run: _Run, task: Task, measure: MeasureConfig) -> np.ndarray:
-    """Outputs on the test split, in the runtime the artifact is served in."""
-    prefer = "onnxruntime" if artifact.read_meta(run.folder)["format"] == registry.ONNX else "torch"
-    rt = prefer if prefer in run.runners else next(iter(run.runners), None)
-    if rt is None:
-        raise UsageError(f"variant {run.name}: none of the runtimes {measure.runtimes} can serve it.",
-                         "Add 'onnxruntime' or 'torch' to measure.runtimes in the recipe.")
-    run.notes.append(f"metrics: scored in {rt}")
-    return task.predict(run.runners[rt], "test", measure.eval_limit)
+        net = load_trained(Path(model), task)
+        return ModelState.from_module(net, net.slimcart_spec), f"slimcart model {model}", net.slimcart_training
+    if src.kind == "onnx":
+        sources.check_onnx_inputs(src, tuple(task.input_names))
+        return ModelState(format=registry.ONNX, spec=src.spec, onnx_path=src.onnx_path), \
+            f"ONNX file {model}", {}
+    if src.kind == "hf":
+        _check_labels(src.task_options.get("id2label") or [], task, str(model))
+    _check_runs(src.model, task, src.description)
+    return ModelState.from_module(src.model, src.spec), src.description, {}
 
 
-def _batch(examples: tuple[torch.Tensor, ...], b: int) -> tuple[torch.Tensor, ...]:
-    idx = torch.arange(b) % examples[0].shape[0]
-    return tuple(t[idx].contiguous() for t in examples)
+def _check_labels(names: list[str], task: Task, where: str) -> None:
+    """A classifier's label names must be the task's classes, in the task's order."""
+    classes = [str(c) for c in task.info.get("classes") or []]
+    if len(names) != len(classes):
+        raise UsageError(f"{where} predicts {len(names)} labels but dataset {task.dataset} has "
+                         f"{len(classes)} classes.", "Compress it on the data it was trained for.")
+    if set(names) == set(classes) and list(names) != classes:
+        raise UsageError(f"{where} orders its labels {names[:5]}..., the dataset orders its classes "
+                         f"{classes[:5]}... (sorted): outputs would be scored against the wrong classes.",
+                         "Save the model with id2label in sorted order of the class names.")
+
+
+def _check_runs(model: torch.nn.Module, task: Task, what: str) -> None:
+    x = task.example_inputs(2, "val")
+    try:
+        with torch.inference_mode():
+            out = model.eval()(*x)
+    except Exception as exc:  # the user's module raises whatever it raises
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(task.input_names, x))
+        raise UsageError(f"{what} fails on the task's inputs ({shapes}): {type(exc).__name__}: "
+                         f"{str(exc)[:200]}", "Check that the model fits this task and dataset "
+                         "(input channels, image size, vocabulary).") from None
+    want = (2,) if task.name == "ctr" else (2, task.info.get("num_classes"))
+    if tuple(out.shape) != want:
+        raise UsageError(f"{what} returns shape {tuple(out.shape)} on a batch of 2; the task needs {want}.",
+                         "The number of classes must match the dataset's.")
 
 
 def _unique(name: str, used: set[str]) -> str:
     out, i = name, 2
     while out in used:
         out, i = f"{name}-{i}", i + 1
-    used.add(out)
     return out
 
 
+FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "neon", "asimd", "sve")
+
+
 def environment() -> dict[str, Any]:
+    """Versions, CPU model and the instruction-set features that decide kernel speed."""
     import onnxruntime
 
-    cpu = platform.processor()
+    cpu, flags = platform.processor(), set()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
+        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith(("flags", "Features"))), []))
+    except OSError:
         pass
     return {"python": platform.python_version(), "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__, "cpu": cpu, "machine": platform.machine(),
+            "cpu_features": [f for f in FEATURES if f in flags], "torch_cpu_capability":
+            torch.backends.cpu.get_cpu_capability(), "cuda": torch.cuda.is_available(),
+            "ort_providers": onnxruntime.get_available_providers(),
             "slimcart": __import__("slimcart").__version__}

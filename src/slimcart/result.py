@@ -21,6 +21,21 @@ class Percentiles(BaseModel):
     mean: float | None = None
     runs: int | None = None
     calls_per_block: int | None = None  # timed back-to-back calls per round (after one untimed)
+    p50_low: float | None = None        # bootstrap 95% interval of the p50 (rounds resampled)
+    p50_high: float | None = None
+
+
+class Speedup(BaseModel):
+    """Baseline p50 / variant p50 in the same runtime and batch, with a paired-bootstrap 95%
+    interval; ``verdict`` is "no measured difference" when the interval includes 1.0 (or the
+    difference is under 3%)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    x: float
+    low: float
+    high: float
+    verdict: str
 
 
 class Variant(BaseModel):
@@ -32,11 +47,18 @@ class Variant(BaseModel):
     recipe: str | None = None
     artifact: str
     format: str
-    size_bytes: int = Field(ge=0)
-    metrics: dict[str, float]
-    latency_ms: dict[str, dict[str, Percentiles]]           # runtime -> batch -> percentiles
-    throughput: dict[str, dict[str, float]] = {}            # runtime -> batch -> samples/s
+    size_bytes: int = Field(ge=0)                           # model file + spec JSON of `artifact`
+    size_bytes_served: dict[str, int] = {}                  # runtime -> bytes of the artifact it serves
+    bundle_bytes: int | None = None                         # model + preprocessing files (tokenizer, vocabularies)
+    served: dict[str, str] = {}                             # runtime -> folder of the artifact it serves
+    served_parity: dict[str, dict[str, float]] = {}         # runtime -> max abs output diff vs the scored runtime
+    metrics: dict[str, float]                               # on the test split
+    val_metrics: dict[str, float] = {}                      # on the validation split (what selection uses)
+    latency_ms: dict[str, dict[str, Percentiles]]           # runtime -> batch -> percentiles (interleaved)
+    latency_deployed_ms: dict[str, dict[str, Percentiles]] = {}  # runtime alone, with its default options
+    throughput: dict[str, dict[str, float]] = {}            # runtime -> batch -> samples/s, sustained load
     speedup_vs_baseline: dict[str, dict[str, float]]        # runtime -> batch -> x
+    speedup: dict[str, dict[str, Speedup]] = {}             # runtime -> batch -> x with its interval
     compression_ratio: float
     agreement: dict[str, float] = {}
     peak_memory_mb: dict[str, float] = {}                   # runtime -> peak RSS in MB
@@ -58,6 +80,9 @@ class Result(BaseModel):
     variants: list[Variant]
     environment: dict[str, Any] = {}
     created: str = ""
+    runtimes: list[dict[str, Any]] = []        # each runtime's options, as used for timing
+    model_source: str = ""                     # what the baseline was made from
+    selection: str = ""                        # which split chose the variants
 
     def variant_rows(self) -> list[Variant]:
         """The baseline first, then the variants in run order."""

@@ -61,6 +61,12 @@ class StageContext:
     stage_index: int = 0
     progress: bool = True
 
+    def keep(self, name: str) -> Path:
+        """A folder whose files are kept with the saved variant (``<variant>/checkpoints/<name>``)."""
+        p = self.workdir / "checkpoints" / f"stage{self.stage_index}-{name}"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
     def path(self, name: str) -> Path:
         p = self.workdir / f"stage{self.stage_index}-{name}"
         p.parent.mkdir(parents=True, exist_ok=True)

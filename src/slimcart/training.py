@@ -21,7 +21,7 @@ def save_trained(model: torch.nn.Module, task: Task, out: Path, overwrite: bool 
             "num_classes": task.info.get("num_classes")}
     with staged_output(Path(out), overwrite) as stage:
         artifact.save(ModelState.from_module(model, model.slimcart_spec), stage, task=desc,
-                      examples=task.example_inputs(32, "test"), input_names=task.input_names)
+                      examples=task.example_inputs(32, "val"), input_names=task.input_names, bundle=task)
         (stage / TRAIN_RECORD).write_text(json.dumps(getattr(model, "slimcart_training", {}), indent=2))
     return Path(out)
 
@@ -38,11 +38,9 @@ def load_trained(folder: Path, task: Task) -> torch.nn.Module:
     if saved.get("num_classes") != task.info.get("num_classes"):
         raise UsageError(f"--model {folder} predicts {saved.get('num_classes')} classes but dataset "
                          f"{task.dataset} has {task.info.get('num_classes')}; train it on this dataset.")
-    if saved.get("dataset") != task.dataset:
-        from rich.console import Console
+    from .serving import check_model_data, saved_data_record
 
-        Console(stderr=True).print(f"note: --model was trained on {saved.get('dataset')}, "
-                                   f"evaluated here on {task.dataset}", markup=False)
+    check_model_data(saved_data_record(folder), task, model=f"--model {folder}", strict=True)
     model = artifact.load(folder).torch_model
     model.slimcart_spec = meta["model"]
     record = Path(folder) / TRAIN_RECORD

@@ -1,4 +1,11 @@
-"""Run as a subprocess: load an artifact, serve a batch a few times, print peak RSS (MB)."""
+"""Run as a subprocess: load an artifact, serve a batch a few times, print memory in MB as JSON.
+
+``process_start_mb``: resident memory when ``main`` starts. ``runtime_start_mb``: once the
+runtime libraries (torch; onnxruntime for an ONNX Runtime runtime) and the probe's own code are
+imported, before the model. ``model_and_run_mb`` = peak - runtime_start_mb: what loading the
+model and serving the batch added, with no library counted as model memory. When run with
+``python -m slimcart.measure.memory_probe``, Python imports the slimcart package (torch and
+its other dependencies) before ``main``, so process_start_mb already includes them."""
 from __future__ import annotations
 
 import json
@@ -17,28 +24,36 @@ def _status_mb(field: str) -> float:
 
 
 def main() -> None:
+    process_start = _status_mb("VmRSS")
     folder, runtime, batch, threads, onnx_path = sys.argv[1:6]
+    ort = runtime.startswith("onnxruntime")
+    if runtime != "torch" and not ort:
+        sys.exit(f"unknown runtime {runtime!r}: expected 'torch' or 'onnxruntime...'")
     import torch
 
-    from .. import artifact
-    from .runtimes import OrtRunner, TorchRunner, set_threads
+    if ort:
+        import onnxruntime  # noqa: F401
 
+    from slimcart import artifact
+    from slimcart.measure.runtimes import OrtRunner, TorchRunner, set_threads
+
+    runtime_start = _status_mb("VmRSS")
     set_threads(int(threads))
     examples = artifact.load_examples(folder)
     idx = torch.arange(int(batch)) % examples[0].shape[0]
     inputs = tuple(t[idx] for t in examples)
-    before = _status_mb("VmRSS")
     names = tuple(artifact.read_meta(folder)["inputs"])
-    if runtime == "torch":
-        run = TorchRunner(artifact.load(folder).torch_model)
-    else:
+    if ort:
         path = Path(onnx_path) if onnx_path else artifact.load(folder).onnx_path
         run = OrtRunner(path, names, int(threads))
+    else:
+        run = TorchRunner(artifact.load(folder).torch_model)
     for _ in range(3):
         run(inputs)
     peak = _status_mb("VmHWM")
-    print(json.dumps({"peak_rss_mb": round(peak, 1), "runtime_start_mb": round(before, 1),
-                      "model_and_run_mb": round(peak - before, 1)}))
+    print(json.dumps({"peak_rss_mb": round(peak, 1), "process_start_mb": round(process_start, 1),
+                      "runtime_start_mb": round(runtime_start, 1),
+                      "model_and_run_mb": round(peak - runtime_start, 1)}))
 
 
 if __name__ == "__main__":

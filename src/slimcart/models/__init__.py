@@ -1,3 +1,4 @@
 """Model architectures, registered by name so a saved spec rebuilds them without pickle."""
 from .registry import build, register_model, spec  # noqa: F401
 from . import cnn, deepfm, text_classifier  # noqa: F401,E402  (registration)
+from . import hf, zoo  # noqa: F401,E402  (registration: Hugging Face, torchvision, timm)

@@ -23,9 +23,41 @@ def spec(arch: str, config: BaseModel) -> dict[str, Any]:
     return {"arch": arch, "config": config.model_dump(mode="json")}
 
 
+# Plain nn.Modules given in Python (no registered architecture): an untouched copy of each, for
+# this process only, so that their saved variants can be rebuilt and reloaded while it runs.
+_INSTANCES: dict[str, torch.nn.Module] = {}
+
+
+def instance_spec(model: torch.nn.Module) -> dict[str, Any]:
+    """Spec of a plain module: its class name and a token valid in this process only."""
+    import copy
+
+    cls = type(model)
+    token = f"{cls.__module__}.{cls.__qualname__}#{len(_INSTANCES)}"
+    _INSTANCES[token] = copy.deepcopy(model).cpu().eval()
+    return {"arch": "module", "config": {"class": f"{cls.__module__}.{cls.__qualname__}", "token": token}}
+
+
+def _build_instance(model_spec: dict[str, Any]) -> torch.nn.Module:
+    import copy
+
+    cfg = model_spec.get("config") or {}
+    base = _INSTANCES.get(cfg.get("token", ""))
+    if base is None:
+        raise ModelError(f"This model was made from the Python class {cfg.get('class')!r}, which slimcart "
+                         "cannot rebuild without running your code.",
+                         "Serve its ONNX artifact (the variant's served/onnxruntime folder, or an "
+                         "onnx_export stage), or register the class with slimcart.models.register_model "
+                         "and a config so that its folder rebuilds it.")
+    return copy.deepcopy(base)
+
+
 def build(model_spec: dict[str, Any]) -> torch.nn.Module:
     """Rebuild an architecture from its saved spec (weights are loaded separately)."""
     arch = model_spec.get("arch")
+    if arch == "module":
+        model = _build_instance(model_spec)
+        return _transforms(model, model_spec)
     if arch not in _ARCHS:
         raise ModelError(f"Unknown model architecture {arch!r}.{closest(str(arch), list(_ARCHS))}",
                          f"Known architectures: {', '.join(_ARCHS)}.")
@@ -34,7 +66,10 @@ def build(model_spec: dict[str, Any]) -> torch.nn.Module:
         cfg = cfg_cls.model_validate(model_spec.get("config", {}))
     except ValidationError as exc:
         raise ModelError(f"Model spec for {arch!r} is invalid: {exc}") from None
-    model = fn(cfg)
+    return _transforms(fn(cfg), model_spec)
+
+
+def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.Module:
     if model_spec.get("reshape"):
         # a structurally pruned model: the base architecture with some layers narrowed
         from .reshape import apply_reshape

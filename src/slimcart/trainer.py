@@ -1,0 +1,258 @@
+"""One training loop for every technique that trains: weighted loss terms, per-step callbacks,
+hidden outputs captured by forward hooks, and resumable checkpoints (safetensors + JSON).
+
+With the defaults (the task's own loss, no callbacks) it is the loop ``Task.train_model`` has
+always run: AdamW over ``task.param_groups``, linear warm-up then linear decay, gradient
+clipping at 5.0, the batch order of ``Task.batches(shuffle=True, seed=cfg.seed + epoch)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .errors import ModelError, UsageError, closest
+from .tasks.base import Task, TrainConfig
+
+CLIP_NORM = 5.0
+WEIGHTS, STATE = "trainer.safetensors", "trainer.json"
+
+
+@dataclass
+class Batch:
+    """What loss terms and callbacks see at one step."""
+
+    inputs: tuple[Tensor, ...]
+    labels: Tensor
+    outputs: Tensor
+    step: int                  # optimizer steps done before this batch
+    epoch: int
+    hidden: dict[str, Tensor]  # outputs of the modules named in ``capture``
+    index: Tensor              # row indices of this batch in the train split
+
+
+class LossTerm:
+    """One weighted part of the training loss; subclasses implement ``__call__``."""
+
+    name: str = "loss"
+    weight: float = 1.0
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class TaskLoss(LossTerm):
+    """The task's own loss on the model outputs (the default term)."""
+
+    task: Task
+    weight: float = 1.0
+    name: str = "task"
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        return self.task.loss(batch.outputs, batch.labels)
+
+
+class Callback:
+    """Hooks into the loop; every method is an optional no-op."""
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+    def on_batch_start(self, trainer: "Trainer", batch_inputs: tuple[Tensor, ...]) -> None: ...
+    def on_step_end(self, trainer: "Trainer") -> None: ...   # after optimizer and scheduler step
+    def on_end(self, trainer: "Trainer") -> None: ...
+
+
+class AfterStep(Callback):
+    """Calls ``fn(model)`` after each optimizer step (e.g. to re-apply pruning masks)."""
+
+    def __init__(self, fn: Callable[[nn.Module], None]):
+        self.fn = fn
+
+    def on_step_end(self, trainer: "Trainer") -> None:
+        self.fn(trainer.model)
+
+
+class Trainer:
+    def __init__(self, task: Task, model: nn.Module, cfg: TrainConfig, *,
+                 terms: Sequence[LossTerm] | None = None, callbacks: Sequence[Callback] = (),
+                 capture: Sequence[str] = (), checkpoint_dir: Path | str | None = None,
+                 checkpoint_every: int = 0, progress: bool = True, desc: str = "train"):
+        self.task, self.model, self.cfg = task, model, cfg
+        self.terms = list(terms) if terms else [TaskLoss(task)]
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise UsageError(f"Loss term names must be unique; got {names}.")
+        self.callbacks, self.progress, self.desc = list(callbacks), progress, desc
+        modules = dict(model.named_modules())
+        for name in capture:
+            if name not in modules:
+                valid = [n for n in modules if n][:8]
+                raise UsageError(f"capture: the model has no layer {name!r}.{closest(name, list(modules))}",
+                                 f"Layers include: {', '.join(valid)}")
+        self.capture = {n: modules[n] for n in capture}
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.checkpoint_every = checkpoint_every if self.checkpoint_dir is not None else 0
+
+        self.rows = len(task.splits["train"])
+        self.steps_per_epoch = math.ceil(self.rows / cfg.batch_size)
+        total = math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.total = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.optimizer = torch.optim.AdamW(task.param_groups(model, cfg), weight_decay=cfg.weight_decay,
+                                           foreach=True)
+        warm, total = int(cfg.warmup_ratio * self.total), self.total
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+        self.step, self.epoch, self.batch = 0, 0, None
+        self.losses: list[float] = []
+        self.term_values: dict[str, list[float]] = {n: [] for n in names}
+        self.resumed_from: int | None = None
+        self._rng: Tensor | None = None
+        self._hidden: dict[str, Tensor] = {}
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / STATE).is_file():
+            self._load()
+
+    # ---- the loop -----------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        torch.manual_seed(self.cfg.seed)
+        if self._rng is not None:
+            torch.set_rng_state(self._rng)
+        data = self.task.splits["train"]
+        hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.capture.items()]
+        bar = tqdm(total=self.total, initial=self.step, desc=self.desc, leave=False, unit="step",
+                   disable=True if not self.progress else None)
+        t0 = time.perf_counter()
+        self.model.train()
+        try:
+            for cb in self.callbacks:
+                cb.on_start(self)
+            while self.step < self.total:
+                self.epoch = self.step // self.steps_per_epoch
+                gen = torch.Generator().manual_seed(self.cfg.seed + self.epoch)  # as Task.batches
+                order = torch.randperm(self.rows, generator=gen)
+                first = (self.step % self.steps_per_epoch) * self.cfg.batch_size
+                for start in range(first, self.rows, self.cfg.batch_size):
+                    idx = order[start:start + self.cfg.batch_size]
+                    x = self.task.collate(tuple(t[idx] for t in data.inputs))
+                    self._train_step(x, data.labels[idx], idx)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self._save()
+                    if self.step >= self.total:
+                        break
+            for cb in self.callbacks:
+                cb.on_end(self)
+        finally:
+            for h in hooks:
+                h.remove()
+            self._hidden = {}
+            bar.close()
+        self.model.eval()
+        val = self.task.evaluate(self.model, "val")
+        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
+                "seconds": round(time.perf_counter() - t0, 1),
+                "final_loss": float(np.mean(self.losses[-50:])) if self.losses else None, "val": val,
+                "terms": {n: float(np.mean(v[-50:])) for n, v in self.term_values.items() if v},
+                "resumed_from_step": self.resumed_from}
+
+    def _train_step(self, x: tuple[Tensor, ...], y: Tensor, idx: Tensor) -> None:
+        for cb in self.callbacks:
+            cb.on_batch_start(self, x)
+        self._hidden = {}
+        outputs = self.model(*x)
+        self.batch = Batch(x, y, outputs, self.step, self.epoch, self._hidden, idx)
+        loss = None
+        for term in self.terms:
+            value = term(self.batch, self.model)
+            self.term_values[term.name].append(value.item())
+            part = value if term.weight == 1.0 else term.weight * value
+            loss = part if loss is None else loss + part
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        for cb in self.callbacks:
+            cb.on_step_end(self)
+        self.losses.append(loss.item())
+
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            self._hidden[name] = output if isinstance(output, Tensor) else output[0]
+        return hook
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def config_hash(self) -> str:
+        key = {"config": self.cfg.model_dump(mode="json"), "rows": self.rows,
+               "terms": [[t.name, t.weight] for t in self.terms]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _save(self) -> None:
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        extra: dict[str, dict[str, Any]] = {}
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    tensors[f"optim.{pid}.{k}"] = v.detach().contiguous().clone()
+                else:
+                    extra.setdefault(str(pid), {})[k] = v
+        tensors["rng.cpu"] = torch.get_rng_state()
+        meta = {"step": str(self.step), "config_hash": self.config_hash()}
+        state = {"step": self.step, "epoch": self.epoch, "config": self.cfg.model_dump(mode="json"),
+                 "config_hash": self.config_hash(), "scheduler": self.scheduler.state_dict(),
+                 "optimizer": {"param_groups": opt["param_groups"], "state": extra},
+                 "losses": self.losses[-50:], "terms": {n: v[-50:] for n, v in self.term_values.items()}}
+        _atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
+        _atomic(folder / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
+
+    def _load(self) -> None:
+        folder = self.checkpoint_dir
+        state = json.loads((folder / STATE).read_text())
+        if state.get("config_hash") != self.config_hash():
+            raise UsageError(f"The checkpoint in {folder} was written by another training configuration "
+                             f"({state.get('config')}); this run uses {self.cfg.model_dump(mode='json')}.",
+                             "Use another checkpoint_dir, or remove that checkpoint to start over.")
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("step") != str(state["step"]) or meta.get("config_hash") != state["config_hash"]:
+            raise ModelError(f"{folder / WEIGHTS} and {folder / STATE} are from different steps "
+                             "(interrupted while writing).", "Remove both files to start over.")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        opt_state = {int(p): dict(v) for p, v in state["optimizer"]["state"].items()}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = v
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in state["optimizer"]["param_groups"]]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = self.resumed_from = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.losses = list(state["losses"])
+        self.term_values.update({n: list(v) for n, v in state["terms"].items() if n in self.term_values})
+        self._rng = tensors["rng.cpu"]
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
