@@ -16,17 +16,22 @@ def main() -> None:
     parts = [
         "# Benchmarks\n",
         f"Assembled on {dt.date.today()} from `benchmarks/results/` ({env['cpu']}, {env['machine']}, "
-        f"torch {env['torch']}, onnxruntime {env['onnxruntime']}). Rerun: `python benchmarks/run.py`, "
+        f"CPU features {', '.join(env['cpu_features'])}, torch {env['torch']}, onnxruntime {env['onnxruntime']}). Rerun: `python benchmarks/run.py`, "
         "`python benchmarks/pruning.py`, `python benchmarks/embedding_rows.py`, then "
         "`python benchmarks/assemble.py` (or `make bench`).\n",
         "How to read: every cell is measured, never estimated. Size is the bytes of the saved artifact "
-        "(weights file + JSON spec). Latency is p50 per batch in ms; the number in brackets is the "
-        "speedup against the baseline in the same runtime, timed in the same process with all variants "
-        "interleaved in rounds, each round a block of back-to-back calls per variant (this machine "
-        "drifts 20-30% between runs, so compare ratios within "
-        "a section, not absolute ms across sections). Metric deltas are in points (x100) against the "
-        "baseline on the same test rows. `—` means the runtime cannot serve that artifact (each "
-        "report's notes say why).\n",
+        "(weights file + JSON spec); `Served MB` is, per runtime, the artifact that runtime serves (a "
+        "PyTorch variant timed in ONNX Runtime is exported, and that ONNX file is saved and counted). "
+        "Latency is p50 per batch in ms; the number in brackets is the speedup against the baseline in "
+        "the same runtime, timed in the same process with all variants interleaved in rounds (a fresh "
+        "random order each round, the same number of back-to-back timed calls per case per round, ONNX "
+        "Runtime without spinning). `(=)` marks no measured difference: the speedup's paired-bootstrap "
+        "95% interval includes 1.0, or the difference is under 3%. `as deployed` is each runtime timed "
+        "alone with its default options. Throughput is samples per second over 1 s of back-to-back "
+        "calls. This machine drifts 20-30% between runs: compare ratios within a section, not absolute "
+        "ms across sections. Metric deltas are in points (x100) against the baseline on the same test "
+        "rows; variants were scored on validation first (val metrics are in each report). `—` means "
+        "the runtime cannot serve that artifact (each report's notes say why).\n",
     ]
     names = sorted(p.name for p in res.glob("*.md"))
     for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):

@@ -11,10 +11,11 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import registry
@@ -35,6 +36,7 @@ class CompressResult:
 
     result: Result
     workdir: Path
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> its outputs on the test split
 
     def table(self) -> str:
         from .report import summary_table
@@ -103,8 +105,9 @@ def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
                 shutil.copytree(kept, cand.folder / "checkpoints")
         result = measure_session(session, list(session.candidates), baseline_info or info or {},
                                  source=source_note)
+        outputs = {n: c.outputs["test"] for n, c in session.candidates.items() if "test" in c.outputs}
         session.close()
-        return CompressResult(result, workdir)
+        return CompressResult(result, workdir, outputs)
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
