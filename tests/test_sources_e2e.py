@@ -163,3 +163,19 @@ def test_plain_module_python_channel_prune(ctr_task, tmp_path):
 def test_module_that_does_not_fit_the_task(ctr_task):
     with pytest.raises(UsageError, match="fails on the example inputs"):
         sc.compress(torch.nn.Linear(3, 1), ctr_task, "ctr/prune-threshold", measure=QUICK, progress=False)
+
+
+def test_compress_refuses_a_model_trained_on_another_split(tmp_path):
+    m = tmp_path / "m"
+    r = run_cli("train", "--task", "ctr", "--dataset", "womens-reviews", "--budget", "demo", "--out", str(m), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert not (tmp_path / ".m.checkpoint").exists()          # the resume checkpoint is gone once saved
+    data = json.loads((m / "slimcart.json").read_text())["data"]
+    assert data["split_seed"] == 0 and len(data["fingerprint"]) == 64
+    for args, why in ((["--seed", "1"], "seed 1: its test rows would overlap"),
+                      (["--dataset", "online-shoppers"], "this run uses online-shoppers")):
+        r = run_cli("compress", "--task", "ctr", "--model", str(m), "--recipe", "ctr/prune-threshold",
+                    "--out", str(tmp_path / "out"), *(["--dataset", "womens-reviews"] if "--dataset" not in args else []),
+                    *args, "--quiet")
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()

@@ -3,9 +3,9 @@
 ``process_start_mb``: resident memory when ``main`` starts. ``runtime_start_mb``: once the
 runtime libraries (torch; onnxruntime for an ONNX Runtime runtime) and the probe's own code are
 imported, before the model. ``model_and_run_mb`` = peak - runtime_start_mb: what loading the
-model and serving the batch added, with no library counted as model memory. When run with
-``python -m slimcart.measure.memory_probe``, Python imports the slimcart package (torch and
-its other dependencies) before ``main``, so process_start_mb already includes them."""
+model and serving the batch added, with no library counted as model memory. The slimcart
+package imports its API lazily, so ``python -m slimcart.measure.memory_probe`` starts with
+little more than the interpreter in memory."""
 from __future__ import annotations
 
 import json

@@ -249,6 +249,11 @@ def _variant_blocks(v: Variant, is_baseline: bool) -> list[Block]:
             blocks.append(Para("" if lines else "none", f"{label} layers ({len(lines)}):"))
             if lines:
                 blocks.append(Pre(lines))
+    if v.served:
+        blocks.append(Para("; ".join(
+            f"{rt}: {path} ({fmt_mb(v.size_bytes_served.get(rt, 0))} MB"
+            + (f", max output diff {v.served_parity[rt]['max_abs_diff']:.2e} vs the scored runtime"
+               if rt in v.served_parity else "") + ")" for rt, path in v.served.items()), "Served:"))
     if v.notes:
         blocks += [Para("", "Notes:"), Bullets(list(v.notes))]
     return blocks
