@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import slimcart as sc
 from slimcart import artifact
@@ -118,16 +119,19 @@ def test_demo_job_on_ctr(tmp_path):
 
 
 def test_identical_models_are_no_measured_difference(ctr_task, ctr_model):
-    """The `onnx` variant is the same graph as the baseline's served ONNX export."""
+    """The `onnx` variant is the same graph as the baseline's served ONNX export. One thread: with
+    two, two ONNX Runtime sessions of the same graph were measured up to 19% apart on a loaded
+    2-core machine (each session has its own thread pool), which BENCHMARKS.md reports."""
     from slimcart.accelerate.onnx_export import OnnxExportConfig
 
     same = sc.Recipe([OnnxExportConfig()], name="onnx")
     res = sc.compress(ctr_model, ctr_task, [same], progress=False, measure=sc.MeasureConfig(
-        batch_sizes=[64], runtimes=["onnxruntime"], rounds=60, memory=False, deployed=False,
-        throughput_seconds=0.0))
+        batch_sizes=[256], runtimes=["onnxruntime"], rounds=60, memory=False, deployed=False,
+        throughput_seconds=0.0, threads=1))
+    torch.set_num_threads(2)
     try:
         v = res.result.variants[0]
-        assert v.speedup["onnxruntime"]["64"].verdict == "no measured difference"
+        assert v.speedup["onnxruntime"]["256"].verdict == "no measured difference"
         assert v.agreement["max_abs_prob_diff"] < 1e-6
     finally:
         res.cleanup()
