@@ -32,6 +32,10 @@ def main() -> None:
         "ms across sections. Metric deltas are in points (x100) against the baseline on the same test "
         "rows; variants were scored on validation first (val metrics are in each report). `—` means "
         "the runtime cannot serve that artifact (each report's notes say why).\n",
+        "Timing inputs are the first rows of the validation split (a session looks at nothing of the "
+        "test split before variants are chosen). For banking77 a batch of 32 is padded to 55 tokens "
+        "(tables before this version timed test rows padded to 24), which is most of why its batch-32 "
+        "latencies are ~3x the earlier ones.\n",
         "Caveat found while measuring: two ONNX Runtime sessions of graphs that do the same work (a "
         "magnitude-pruned model is a dense graph with zeros) were measured 5-19% apart on "
         "sub-millisecond calls with two threads, with intervals that exclude 1.0: each session has "
