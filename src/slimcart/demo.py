@@ -37,8 +37,9 @@ def run_demo(out: Path, *, data_dir=None, overwrite: bool = False, progress: boo
 
 
 def combined_table(results: list[Result]) -> list[dict[str, str]]:
-    """One row per task, variant and runtime: the whole demo at a glance. Speedups are
-    against the baseline in the same runtime, at the smallest and largest batch."""
+    """One row per task, variant and runtime: the whole demo at a glance. Size is the artifact that
+    runtime serves; speedups are against the baseline in the same runtime, at the smallest and
+    largest batch ("=": no measured difference)."""
     rows = []
     for r in results:
         m = r.primary_metric
@@ -46,13 +47,15 @@ def combined_table(results: list[Result]) -> list[dict[str, str]]:
         for v in r.variant_rows():
             for rt, per in v.latency_ms.items():
                 b_lo, b_hi = sorted(per, key=int)[0], sorted(per, key=int)[-1]
-                sp = v.speedup_vs_baseline.get(rt, {})
+                sp = {b: ("=" if d.verdict == "no measured difference" else fmt_x(d.x))
+                      for b, d in v.speedup.get(rt, {}).items()} if v is not r.baseline else {}
                 rows.append({
                     "task": f"{r.task}/{r.dataset}", "variant": v.name, "runtime": rt,
-                    "size MB": fmt_mb(v.size_bytes), "compression": fmt_x(v.compression_ratio),
+                    "size MB": fmt_mb(v.size_bytes_served.get(rt, v.size_bytes)),
+                    "compression": fmt_x(v.compression_ratio),
                     "metric": f"{m} {v.metrics.get(m, float('nan')):.4f}",
                     "Δ pts": DASH if v is r.baseline else fmt_pts(v.metrics.get(m, float("nan")) - base),
-                    "p50 ms, small batch": f"{fmt_ms(per[b_lo].p50)} (b={b_lo}, {fmt_x(sp.get(b_lo, float('nan')))})",
-                    "p50 ms, large batch": f"{fmt_ms(per[b_hi].p50)} (b={b_hi}, {fmt_x(sp.get(b_hi, float('nan')))})",
+                    "p50 ms, small batch": f"{fmt_ms(per[b_lo].p50)} (b={b_lo}, {sp.get(b_lo, DASH)})",
+                    "p50 ms, large batch": f"{fmt_ms(per[b_hi].p50)} (b={b_hi}, {sp.get(b_hi, DASH)})",
                 })
     return rows
