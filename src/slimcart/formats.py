@@ -74,22 +74,12 @@ def _save_torch(state: ModelState, folder: Path) -> dict:
 
 def _load_torch(folder: Path, meta: dict) -> ModelState:
     from .models import build
+    from .models.registry import load_strict
 
     path = folder / meta["weights"]
     model = build(meta["model"])
-    load_strict(model, _read_tensors(path, meta), path)
+    load_strict(model, _read_tensors(path, meta), str(path))
     return ModelState.from_module(model, meta["model"])
-
-
-def load_strict(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    own = model.state_dict()
-    missing = [k for k in own if k not in tensors]
-    unexpected = [k for k in tensors if k not in own]
-    bad = [k for k in own if k in tensors and own[k].shape != tensors[k].shape]
-    if missing or unexpected or bad:
-        raise ModelError(f"{source} does not match its architecture: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {bad[:3]}.")
-    model.load_state_dict(tensors)
 
 
 # ---- eager dynamic INT8: int8 weights + scales in safetensors, rebuilt on load ------------------

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from ..errors import ModelError
-from .registry import register_model, spec
-from .zoo import load_strict, read_safetensors
+from .registry import load_strict, register_model, spec
+from .zoo import read_safetensors
 
 ARCH = "hf_sequence_classification"
 FAMILIES = ("bert", "distilbert", "roberta")  # MiniLM checkpoints are model_type "bert"

@@ -81,3 +81,19 @@ def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.
 
         apply_row_pruning(model, model_spec["row_pruning"])
     return model
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``model``: every key present, none extra, same shapes; else a ModelError."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    problems = [f"{label} {len(keys)}: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatches", shapes)) if keys]
+    if problems:
+        raise ModelError(f"The weights in {where} do not match the architecture; " + "; ".join(problems),
+                         "Save the state_dict() of exactly this architecture (same names and sizes).")
+    model.load_state_dict(state, strict=True)

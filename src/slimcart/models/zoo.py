@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..errors import ModelError, closest
-from .registry import register_model, spec
+from .registry import load_strict, register_model, spec
 
 LIBRARIES = ("torchvision", "timm")
 
@@ -77,22 +77,6 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ModelError(f"{path} is not a readable safetensors file: {exc}") from None
-
-
-def load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load ``state`` into ``model``: every key present, none extra, same shapes; else a ModelError."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})" for k in own
-              if k in state and state[k].shape != own[k].shape]
-    problems = [f"{label} {len(keys)}: {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatches", shapes)) if keys]
-    if problems:
-        raise ModelError(f"The weights in {where} do not match the architecture; " + "; ".join(problems),
-                         "Save the state_dict() of exactly this architecture (same names and sizes).")
-    model.load_state_dict(state, strict=True)
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
