@@ -118,20 +118,24 @@ def test_demo_job_on_ctr(tmp_path):
         run_demo(tmp_path / "demo", progress=False, tasks=["ctr"])
 
 
-def test_identical_models_are_no_measured_difference(ctr_task, ctr_model):
-    """The `onnx` variant is the same graph as the baseline's served ONNX export. One thread: with
-    two, two ONNX Runtime sessions of the same graph were measured up to 19% apart on a loaded
-    2-core machine (each session has its own thread pool), which BENCHMARKS.md reports."""
+def test_identical_models_time_alike(ctr_task, ctr_model):
+    """The `onnx` variant is the same graph as the baseline's served ONNX export: outputs agree
+    exactly and the paired ratio is near 1. The verdict itself is not asserted: two ONNX Runtime
+    sessions of one graph were measured up to 19% apart on a loaded 2-core machine (each session
+    has its own thread pool), which BENCHMARKS.md reports; a test must not depend on machine load.
+    The verdict rule is tested on fixed timings in test_stats.py."""
     from slimcart.accelerate.onnx_export import OnnxExportConfig
 
     same = sc.Recipe([OnnxExportConfig()], name="onnx")
     res = sc.compress(ctr_model, ctr_task, [same], progress=False, measure=sc.MeasureConfig(
-        batch_sizes=[256], runtimes=["onnxruntime"], rounds=60, memory=False, deployed=False,
+        batch_sizes=[256], runtimes=["onnxruntime"], rounds=30, memory=False, deployed=False,
         throughput_seconds=0.0, threads=1))
     torch.set_num_threads(2)
     try:
         v = res.result.variants[0]
-        assert v.speedup["onnxruntime"]["256"].verdict == "no measured difference"
+        sp = v.speedup["onnxruntime"]["256"]
+        assert sp.low <= sp.x <= sp.high
+        assert 0.6 < sp.x < 1 / 0.6, f"the same graph timed {sp.x:.2f}x apart: timing is broken"
         assert v.agreement["max_abs_prob_diff"] < 1e-6
     finally:
         res.cleanup()
