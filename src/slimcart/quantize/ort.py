@@ -77,7 +77,8 @@ def _quantized_nodes(graph: onnx.GraphProto) -> set[str]:
     """Names of the original nodes the quantizer rewrote: into an integer op (``<name>_quant``:
     MatMulInteger, ConvInteger, ...), or to read an int8 initializer or a DequantizeLinear output
     (a Gather over a quantized table)."""
-    integer_ops = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul")
+    integer_ops = ("MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul", "QAttention",
+                   "QEmbedLayerNormalization")
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     int8 = {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
     out = set()
