@@ -367,3 +367,8 @@ def predict(model_dir: Path = typer.Argument(..., help="A model folder saved by 
     out.print(table)
     if len(preds) > len(shown):
         out.print(f"... {len(preds) - len(shown)} more rows; write them all with --out FILE.csv")
+
+
+from .cli_serve import register as _register_serving  # noqa: E402  (serve, loadtest)
+
+_register_serving(app)

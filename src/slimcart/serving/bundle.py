@@ -121,27 +121,66 @@ class Bundle:
         ``input`` column; table rows keep their index. Rows are run ``batch_size`` at a time
         (text is trimmed per batch, as in the task)."""
         fn = self._run(runtime or self.runtimes[0])
-        items, names = self.preprocessor.read(raw)
+        items, names = self.read(raw)
         if limit is not None:
             items, names = _rows(items, 0, limit), (names[:limit] if names else names)
         if len(items) == 0:
             raise DataError("The input holds no rows to predict.")
         outs = [fn(self.preprocessor.encode(_rows(items, s, s + batch_size)))
                 for s in range(0, len(items), batch_size)]
-        logits = np.concatenate(outs).astype(np.float64)
         index = items.index if isinstance(items, pd.DataFrame) else None
+        return self.postprocess(np.concatenate(outs), names, index)
+
+    # ---- the steps of predict, for a server that batches several requests into one call ----------
+
+    def read(self, raw) -> tuple[Any, list[str] | None]:
+        """Raw input -> (items: a list or a DataFrame, a name per item or None)."""
+        return self.preprocessor.read(raw)
+
+    def collate(self, parts: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        """Several ``encode`` results -> one batch, the same tensors ``encode`` gives for all their
+        items at once: concatenated along the batch axis, token ids and masks padded to the
+        longest (the tokenizer's pad id, mask 0), as the task's collate trims a batch."""
+        if len(parts) == 1:
+            return parts[0]
+        if self.spec["kind"] == "text":
+            tok = self.preprocessor.tokenizer
+            length = max(p[0].shape[1] for p in parts)
+            parts = [(_pad(ids, length, tok.pad_token_id or 0), _pad(mask, length, 0)) for ids, mask in parts]
+        return tuple(torch.cat(ts) for ts in zip(*parts))
+
+    def outputs(self, logits: np.ndarray) -> dict[str, Any]:
+        """Model outputs -> the prediction columns: ``probability`` (ctr), else ``label`` and
+        ``score`` (the softmax probability of the label)."""
+        logits = np.asarray(logits).astype(np.float64)
         if self.spec["kind"] in ("table", "ids"):
-            df = pd.DataFrame({"probability": 1.0 / (1.0 + np.exp(-logits.reshape(-1)))}, index=index)
-        else:
-            e = np.exp(logits - logits.max(1, keepdims=True))
-            prob = e / e.sum(1, keepdims=True)
-            best = prob.argmax(1)
-            classes = self.spec["classes"]
-            df = pd.DataFrame({"label": [classes[i] for i in best], "score": prob[np.arange(len(best)), best]},
-                              index=index)
+            return {"probability": 1.0 / (1.0 + np.exp(-logits.reshape(-1)))}
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        prob = e / e.sum(1, keepdims=True)
+        best = prob.argmax(1)
+        classes = self.spec["classes"]
+        return {"label": [classes[i] for i in best], "score": prob[np.arange(len(best)), best]}
+
+    def postprocess(self, logits: np.ndarray, names: list[str] | None = None, index=None) -> pd.DataFrame:
+        """Model outputs -> the table ``predict`` returns (``input`` first where ``names``)."""
+        df = pd.DataFrame(self.outputs(logits), index=index)
         if names:
             df.insert(0, "input", names)
         return df
+
+    @property
+    def default_runtime(self) -> str:
+        """ONNX Runtime where the folder holds an ONNX model (its own or ``served/onnxruntime``),
+        else the first runtime that serves it."""
+        from ..formats import get
+
+        has_onnx = "onnxruntime" in get(self.meta["format"]).serves or \
+            (self.folder / "served" / "onnxruntime" / artifact.META).is_file()
+        return "onnxruntime" if has_onnx and "onnxruntime" in self.runtimes else self.runtimes[0]
+
+    def runner(self, runtime: str):
+        """The callable that runs the model in ``runtime``: input tensors -> numpy outputs."""
+        return self._run(runtime)
 
     def _run(self, runtime: str):
         if runtime not in self.runtimes:
@@ -153,6 +192,11 @@ class Bundle:
             self._runners[runtime] = _runner(self._state, runtime, tuple(self.meta["inputs"]),
                                              self.folder, Path(self._tmp.name))
         return self._runners[runtime]
+
+
+def _pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Right-pad a [batch, tokens] tensor to ``length`` tokens (encode pads and trims on the right)."""
+    return t if t.shape[1] == length else torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
 
 def _rows(items, start: int, stop: int):
