@@ -38,6 +38,9 @@ bench: install fashion-mnist
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/embedding_rows.py
+	$(PY) benchmarks/graph_opt.py
+	$(PY) benchmarks/runtimes.py
+	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/assemble.py
 
 clean:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from slimcart.pipeline import environment
 
-ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md"]
+ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md",
+         "graph_opt.md", "runtimes.md", "serving.md"]
 HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 
 
@@ -17,7 +18,8 @@ def main() -> None:
         "# Benchmarks\n",
         f"Assembled on {dt.date.today()} from `benchmarks/results/` ({env['cpu']}, {env['machine']}, "
         f"CPU features {', '.join(env['cpu_features'])}, torch {env['torch']}, onnxruntime {env['onnxruntime']}). Rerun: `python benchmarks/run.py`, "
-        "`python benchmarks/pruning.py`, `python benchmarks/embedding_rows.py`, then "
+        "`python benchmarks/pruning.py`, `python benchmarks/embedding_rows.py`, `python benchmarks/graph_opt.py`, "
+        "`python benchmarks/runtimes.py`, `python benchmarks/serving.py`, then "
         "`python benchmarks/assemble.py` (or `make bench`).\n",
         "How to read: every cell is measured, never estimated. Size is the bytes of the saved artifact "
         "(weights file + JSON spec); `Served MB` is, per runtime, the artifact that runtime serves (a "

@@ -101,7 +101,7 @@ def test_ctr_bundle_matches_task_on_raw_rows(ctr_bundle, ctr_rows):
     preds = bundle.predict(rows, batch_size=len(rows))
     assert list(preds.columns) == ["probability"] and preds.index.equals(rows.index)
     np.testing.assert_array_equal(preds["probability"].to_numpy(), 1 / (1 + np.exp(-run(model, want))))
-    assert bundle.runtimes == ["torch", "onnxruntime"]
+    assert bundle.runtimes == ["torch", "torch_compile", "onnxruntime", "openvino"]
     ort = bundle.predict(rows, "onnxruntime", limit=50)
     np.testing.assert_allclose(ort["probability"], preds["probability"][:50], atol=1e-5)
 
@@ -116,7 +116,7 @@ def test_onnx_folder_serves_in_onnxruntime(ctr_task, ctr_bundle, ctr_rows, tmp_p
                   input_names=ctr_task.input_names)
     write_bundle_files(ctr_task, onnx_dir)
     bundle = load_bundle(onnx_dir)
-    assert bundle.runtimes == ["onnxruntime"]
+    assert bundle.runtimes == ["onnxruntime", "openvino"]
     rows = ctr_rows[0].tail(30)
     np.testing.assert_allclose(bundle.predict(rows)["probability"],
                                load_bundle(folder).predict(rows)["probability"], atol=1e-5)

@@ -96,15 +96,17 @@ def list_runtimes() -> None:
     Example: slimcart runtimes
     """
     from . import formats
+    from .measure import hardware
     from .measure.runtimes import runtimes as table_of
 
-    table = Table("runtime", "serves formats", "options (recipe: measure.runtimes)", "what")
+    table = Table("runtime", "serves formats", "options (recipe: measure.runtimes)", "here", "what")
     for name, rt in table_of().items():
         served = [f for f, fmt in formats.formats().items() if rt.family in fmt.serves]
         converted = [f"{f} (converted)" for f, fmt in formats.formats().items() if rt.family in fmt.convert]
         opts = ", ".join(f"{k}={v.default}" for k, v in rt.config_cls.model_fields.items() if k != "label")
-        table.add_row(name, ", ".join(served + converted), opts or "-", rt.summary)
+        table.add_row(name, ", ".join(served + converted), opts or "-", rt.availability(), rt.summary)
     out.print(table)
+    out.print(hardware.summary(), markup=False, highlight=False)
 
 
 @app.command()
@@ -268,7 +270,8 @@ def bench(artifact_dir: Path = typer.Argument(..., help="A model folder written 
           batch_sizes: str = typer.Option("1,32", "--batch-sizes"),
           rounds: int = typer.Option(30, "--rounds", min=5), threads: Optional[int] = typer.Option(None, "--threads"),
           runtime: Optional[list[str]] = typer.Option(None, "--runtime", help=(
-              "Runtime name (see `slimcart runtimes`); repeat for more. Default: torch and onnxruntime."))) -> None:
+              "Runtime name, or NAME:key=value,... (e.g. torch_compile:freezing=true); see `slimcart runtimes`; "
+              "repeat for more. Default: torch and onnxruntime."))) -> None:
     """Measure one saved model alone: size on disk and latency per runtime and batch size.
 
     Example: slimcart bench runs/ctr/variants/onnx-int8 --batch-sizes 1,64
@@ -340,7 +343,7 @@ def main() -> None:
 def predict(model_dir: Path = typer.Argument(..., help="A model folder saved by slimcart (with preprocess.json)."),
             input_path: Path = typer.Option(..., "--input", help="CSV/parquet rows, a .txt file (one text per "
                                             "line), an image file or a folder of images."),
-            runtime: Optional[str] = typer.Option(None, "--runtime", help="torch or onnxruntime (default: the first the model has)."),
+            runtime: Optional[str] = typer.Option(None, "--runtime", help="A runtime that serves the model (see `slimcart runtimes`; default: the first the model has)."),
             out_csv: Optional[Path] = typer.Option(None, "--out", help="Write the predictions to this CSV instead of printing them."),
             limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Predict the first N inputs only.")) -> None:
     """Run a saved model on raw inputs, with the preprocessing saved next to it.

@@ -121,7 +121,7 @@ register_format(Format(TORCH, "model.safetensors", _save_torch, _load_torch, ser
 register_format(Format(TORCH_INT8, "model.safetensors", _save_int8, _load_int8, serves=("torch",),
                        summary="PyTorch module with dynamic-INT8 Linear layers (not exportable to ONNX)"))
 register_format(Format(ONNX, "model.onnx", _save_onnx, _load_onnx, serves=("onnxruntime",),
-                       summary="ONNX graph (served by ONNX Runtime)"))
+                       summary="ONNX graph (served by ONNX Runtime and OpenVINO)"))
 
 
 def describe() -> dict[str, Any]:

@@ -197,23 +197,18 @@ def _unique(name: str, used: set[str]) -> str:
     return out
 
 
-FEATURES = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "neon", "asimd", "sve")
-
-
 def environment() -> dict[str, Any]:
-    """Versions, CPU model and the instruction-set features that decide kernel speed."""
+    """Versions, CPU model, the instruction-set features that decide kernel speed, and the
+    devices the runtimes can use (slimcart.measure.hardware)."""
     import onnxruntime
 
-    cpu, flags = platform.processor(), set()
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-        cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), cpu)
-        flags = set(next((l.split(":", 1)[1].split() for l in lines if l.startswith(("flags", "Features"))), []))
-    except OSError:
-        pass
+    from .measure import hardware
+
+    cpu = hardware.cpu()
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "cpu": cpu, "machine": platform.machine(),
-            "cpu_features": [f for f in FEATURES if f in flags], "torch_cpu_capability":
-            torch.backends.cpu.get_cpu_capability(), "cuda": torch.cuda.is_available(),
-            "ort_providers": onnxruntime.get_available_providers(),
-            "slimcart": __import__("slimcart").__version__}
+            "onnxruntime": onnxruntime.__version__, "openvino": hardware.openvino_version(),
+            "cpu": cpu["model"], "machine": cpu["machine"], "cpu_cores": cpu["cores"],
+            "cpu_features": cpu["features"], "torch_cpu_capability": cpu["torch_capability"],
+            "cuda": torch.cuda.is_available(), "cuda_devices": hardware.cuda_devices(),
+            "ort_providers": hardware.ort_providers(), "openvino_devices": hardware.openvino_devices(),
+            "cxx_compiler": hardware.cxx_compiler(), "slimcart": __import__("slimcart").__version__}

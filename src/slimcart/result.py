@@ -57,6 +57,9 @@ class Variant(BaseModel):
     latency_ms: dict[str, dict[str, Percentiles]]           # runtime -> batch -> percentiles (interleaved)
     latency_deployed_ms: dict[str, dict[str, Percentiles]] = {}  # runtime alone, with its default options
     throughput: dict[str, dict[str, float]] = {}            # runtime -> batch -> samples/s, sustained load
+    setup_s: dict[str, dict[str, float]] = {}               # runtime -> "build" / batch / "total" -> seconds:
+    #   building the runner; its first call with that batch's shapes (torch.compile: compile + first
+    #   run); build + first calls with every shape it saw (scoring too). Never part of latency_ms
     speedup_vs_baseline: dict[str, dict[str, float]]        # runtime -> batch -> x
     speedup: dict[str, dict[str, Speedup]] = {}             # runtime -> batch -> x with its interval
     compression_ratio: float

@@ -56,9 +56,10 @@ def _check(rounds: int, calls_per_block: int) -> None:
 def interleaved(cases: dict[Hashable, tuple[Callable, object, int]], rounds: int, warmup: int, *,
                 calls_per_block: int = 3, seed: int = 0, progress: bool = True,
                 order_log: list | None = None) -> dict[Hashable, Timing]:
-    """``cases`` maps a key to (fn, inputs, batch). After ``warmup`` untimed calls per case,
-    each round visits every case once in a seeded random order (appended to ``order_log`` when
-    given): one untimed call, then ``calls_per_block`` timed calls."""
+    """``cases`` maps a key to (fn, inputs, batch). After ``warmup`` untimed calls per case
+    (all before the first timed round: a runner that compiles per input shape, like
+    torch.compile, compiles there), each round visits every case once in a seeded random order
+    (appended to ``order_log`` when given): one untimed call, then ``calls_per_block`` timed calls."""
     _check(rounds, calls_per_block)
     keys = list(cases)
     rng = np.random.default_rng(seed)

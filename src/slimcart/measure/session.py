@@ -7,6 +7,8 @@ sees test.
 For every runtime a candidate is measured in, the artifact that runtime serves is saved: a float
 PyTorch model timed in ONNX Runtime is exported to ``<variant>/served/onnxruntime/`` (a model
 folder of its own), and its size, not the safetensors file's, is reported for that runtime.
+Setup time (building each runner and its first call per batch size: a compile for
+torch.compile) is reported apart from the steady-state latencies, which never include it.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from ..errors import UsageError
 from ..stage import ModelState, StageReport
 from .latency import Timing, alone, interleaved, sustained_throughput
 from .memory import peak_rss_mb
-from .runtimes import RuntimeChoice, set_threads
+from .runtimes import Runner, RuntimeChoice, set_threads
 from .stats import speedup
 
 PARITY_ROWS = 256
@@ -143,7 +145,9 @@ class Session:
         return self.task.metrics(c.outputs["val"], self.task.labels("val", self.measure.eval_limit))
 
     def time(self, names: list[str]) -> dict[tuple, Timing]:
-        """Interleaved timing of the baseline and ``names`` (each label, each batch size)."""
+        """Interleaved timing of the baseline and ``names`` (each label, each batch size). The
+        warm-up calls visit every case before the first timed round, so a runner that compiles
+        per input shape (torch.compile) has compiled for every batch size by then."""
         m = self.measure
         runs = [self.baseline] + [self.candidates[n] for n in names if n != self.baseline.name]
         cases = {(c.name, label, b): (fn, self.task.collate(_batch(self.examples, b)), b)
@@ -187,13 +191,22 @@ class Session:
                     spd[label][str(b)] = speedup(timings[(base.name, label, b)], t, seed=m.seed)
         deployed = {lb: {b: t.summary(seed=m.seed) for b, t in per.items()}
                     for lb, per in (self.deployed(cand) if m.deployed else {}).items()}
-        mem, model_mem = {}, {}
+        mem, model_mem, unprobed = {}, {}, []
         if m.memory:
             for label, folder in cand.served.items():
-                fam = next(c.runtime.family for c in self.choices if c.label == label)
-                got = peak_rss_mb(folder, fam, max(m.batch_sizes), self.threads)
+                probe = next(c.config.memory_probe() for c in self.choices if c.label == label)
+                if probe is None:
+                    unprobed.append(label)
+                    continue
+                got = peak_rss_mb(folder, probe, max(m.batch_sizes), self.threads)
                 if got:
                     mem[label], model_mem[label] = got["peak_rss_mb"], got["model_and_run_mb"]
+        if unprobed:
+            self._note(cand, f"peak memory not measured for {', '.join(unprobed)} (the memory probe runs "
+                             "eager torch in float32 and onnxruntime, on the CPU)")
+        for label, run in cand.runners.items():   # fallbacks the runners took (provider, device, compile)
+            for text in getattr(run, "notes", []):
+                self._note(cand, f"{label}: {text}")
         sizes = {label: artifact.size_bytes(f) for label, f in cand.served.items()}
         return dict(
             name=cand.name, recipe=getattr(cand.recipe, "source", None),
@@ -204,11 +217,36 @@ class Session:
             served_parity=cand.served_parity,
             val_metrics=self.val_metrics(cand.name),
             metrics=task.metrics(test_out, task.labels("test", m.eval_limit)),
-            latency_ms=lat, latency_deployed_ms=deployed, speedup=spd, throughput=self.throughput(cand),
+            latency_ms=lat, latency_deployed_ms=deployed, setup_s=self.setup(cand), speedup=spd,
+            throughput=self.throughput(cand),
             agreement=task.agreement(base.outputs.get("test", test_out), test_out) if cand is not base
             else task.agreement(test_out, test_out),
             peak_memory_mb=mem, model_memory_mb=model_mem, stages=[s.to_dict() for s in cand.stages],
             notes=cand.notes)
+
+    def setup(self, cand: Candidate) -> dict[str, dict[str, float]]:
+        """Per runtime label: ``build`` (seconds to build the runner: a session, a compiled graph),
+        per batch size the wall time of the first call with that batch's input shapes (for
+        torch.compile: the compile and the first run), and ``total``: build plus the first calls
+        with every input shape the runner saw (the scoring's batches included). All of it
+        happened before any timed call: the scoring or the warm-up calls of the timing made it."""
+        out = {}
+        for label, run in cand.runners.items():
+            if not isinstance(run, Runner):
+                continue
+            row = {} if run.build_s is None else {"build": round(run.build_s, 4)}
+            row["total"] = round((run.build_s or 0.0) + sum(run.setup_s.values()), 4)
+            for b in self.measure.batch_sizes:
+                first = run.first_call_s(self.task.collate(_batch(self.examples, b)))
+                if first is not None:
+                    row[str(b)] = round(first, 4)
+            out[label] = row
+        return out
+
+    @staticmethod
+    def _note(cand: Candidate, text: str) -> None:
+        if text not in cand.notes:
+            cand.notes.append(text)
 
     def close(self) -> None:
         for c in self.candidates.values():

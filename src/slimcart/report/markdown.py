@@ -197,6 +197,17 @@ def _latency_table(result: Result) -> Table:
     return Table(headers, rows)
 
 
+def _setup_table(result: Result) -> Table | None:
+    """Seconds to build each runner and of its first call per batch size; None if not recorded."""
+    batches = sorted({b for v in result.variant_rows() for per in v.setup_s.values() for b in per
+                      if b not in ("build", "total")}, key=batch_key)
+    cell = lambda per, k: f"{per[k]:.3f}" if k in per else DASH  # noqa: E731
+    rows = [[v.name, rt, cell(per, "build")] + [cell(per, b) for b in batches] + [cell(per, "total")]
+            for v in result.variant_rows() for rt, per in v.setup_s.items()]
+    return Table(["Variant", "Runtime", "build s"] + [f"first call s b={b}" for b in batches] + ["total s"],
+                 rows) if rows else None
+
+
 def _keyed_table(result: Result, attr: str, fmt, first: str = "Variant") -> Table | None:
     """A variant x key table of a dict attribute; None when no variant has any value."""
     keys: list[str] = []
@@ -286,8 +297,17 @@ def build_blocks(result: Result) -> list[Block]:
              "second over sustained back-to-back calls. Served MB: the artifact that runtime serves.",
              "How:"),
         _latency_table(result),
-        Heading(2, "Agreement with baseline"),
     ]
+    setup = _setup_table(result)
+    if setup is not None:
+        blocks += [Heading(3, "Setup time"),
+                   Para("Building each runner (a session, a compiled graph), its first call with each "
+                        "batch size's input shapes (torch.compile compiles there), and the total with every "
+                        "shape it saw (scoring included); made before any timed call and never part of the "
+                        "latencies above. A graph compiled earlier in the same process for a model of the "
+                        "same architecture and shapes is reused, so it can be short.", "Setup:"),
+                   setup]
+    blocks.append(Heading(2, "Agreement with baseline"))
     agreement = _keyed_table(result, "agreement", fmt_num)
     blocks.append(agreement or Para("not measured"))
     memory = _keyed_table(result, "peak_memory_mb", lambda x: f"{x:.1f}")
