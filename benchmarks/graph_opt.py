@@ -51,7 +51,7 @@ CASES = [
 ]
 
 KEYS = ("pairs_folded", "relu_inplace", "level", "nodes_before", "nodes_after", "fused_operators",
-        "reexported", "parity_reference", "max_abs_error", "max_rel_error", "max_abs_error_vs_eager", "note")
+        "reexported", "parity_reference", "max_abs_error", "max_rel_error", "max_abs_error_vs_eager")
 
 
 def stage_notes(res) -> list[str]:
@@ -64,9 +64,49 @@ def stage_notes(res) -> list[str]:
             if st["technique"] == "ort_int8_dynamic":
                 ops = {k: n for k, n in s.get("ops_after", {}).items() if "Integer" in k or k[0] == "Q"}
                 got = [f"int8 ops {ops}"]
+            got += st.get("notes", [])
             if got:
                 lines.append(f"- {v.name} / {st['technique']}: " + "; ".join(got))
     return lines
+
+
+def roofline(task_name: str, dataset: str, res, batch: int) -> str:
+    """The model's FLOPs at the timed batch (PyTorch's FlopCounterMode) over the measured p50s,
+    against the fp32 GEMM rate this CPU reaches on the model's largest matmul shape."""
+    import time
+
+    import numpy as np
+    import torch
+    from common import baseline
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import slimcart as sc
+
+    task = sc.load_task(task_name, dataset)
+    model = baseline(task).eval()
+    x = task.example_inputs(batch, "val")
+    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+        model(*x)
+    flops = fc.get_total_flops()
+    tokens = int(x[0].numel())
+    a, b = torch.randn(tokens, 384), torch.randn(384, 1536)
+    times = []
+    with torch.inference_mode():
+        for _ in range(20):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+    gemm = 2 * tokens * 384 * 1536 / float(np.median(times[5:])) / 1e9
+    base = res.result.baseline.latency_ms
+    rates = {rt: flops / (base[rt][str(batch)].p50 / 1e3) / 1e9 for rt in base if str(batch) in base[rt]}
+    return (f"Roofline at batch {batch} ({tokens} padded tokens): the model does {flops / 1e9:.1f} GFLOP "
+            f"per call (PyTorch's FlopCounterMode); a ({tokens}x384)·(384x1536) fp32 matmul, its largest "
+            f"GEMM, runs at {gemm:.0f} GFLOP/s here; the baseline reaches "
+            + ", ".join(f"{v:.0f} GFLOP/s in {rt}" for rt, v in rates.items())
+            + f" ({max(rates.values()) / gemm:.0%} of that GEMM rate). At this batch the fp32 model is "
+            "bound by its matrix multiplications, so fusing the memory-bound operators (LayerNorm, GELU, "
+            "softmax) cannot make it measurably faster; int8 GEMMs (onnx-int8 rows) or less work "
+            "(fewer layers, heads or padded tokens) can.\n")
 
 
 def main() -> None:
@@ -86,6 +126,8 @@ def main() -> None:
         text, res = run_section(task, dataset, recipes(), args.runs, "graph-opt",
                                 measure=MeasureConfig(**measure, **quick))
         notes = stage_notes(res)
+        if task == "intent":
+            text += "\n" + roofline(task, dataset, res, max(measure["batch_sizes"]))
         sections.append(text + ("\nWhat the stages did (parity against the reference each names):\n\n"
                                 + "\n".join(notes) + "\n" if notes else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)

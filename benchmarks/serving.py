@@ -86,7 +86,7 @@ def serve_and_load(folder: Path, max_batch: int, max_wait_ms: float, bodies, arg
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     return {"result": res, "metrics": metrics, "runtime": health["runtime"], "threads": health["threads"],
-            "exit": code}
+            "exit": code, "cost": health.get("length_groups")}
 
 
 def main() -> None:
@@ -105,7 +105,7 @@ def main() -> None:
     t0 = time.time()
     bodies = test_texts()
     modes = [("one at a time", 1, 0.0), ("micro-batching", args.max_batch, args.max_wait_ms)]
-    rows, ratios = [], []
+    rows, ratios, costs = [], [], []
     for label, folder in models(args.runs, not args.no_int8):
         runs = {m[0]: [] for m in modes}
         for r in range(args.rounds):
@@ -123,10 +123,15 @@ def main() -> None:
                          "Serving": name, "--max-batch / --max-wait-ms": f"{mb} / {wait:g}",
                          "req/s": f"{res.throughput:.1f}", "p50 ms": f"{res.percentile(50):.1f}",
                          "p99 ms": f"{res.percentile(99):.1f}", "mean batch": f"{m['mean_batch_size']:.1f}",
+                         "model calls per batch": f"{m.get('model_calls', m['batches']) / max(m['batches'], 1):.2f}",
                          "errors": res.requests - res.ok,
                          "all rounds req/s": ", ".join(f"{x['result'].throughput:.1f}" for x in runs[name]),
                          "exit codes": ", ".join(str(x["exit"]) for x in runs[name])})
         ratios.append((label, folder, best["micro-batching"] / best["one at a time"]))
+        cost = runs["micro-batching"][0]["cost"]
+        if cost:
+            costs.append(f"- {label}: a model call measured at start-up costs {cost['call_overhead_ms']:.2f} ms "
+                         f"+ {cost['per_token_us']:.1f} us per padded token")
     lines = [f"- {label} (`{folder}`): micro-batching gives **{x:.2f}x** the throughput of one-at-a-time "
              f"serving ({'meets' if x >= BAR else 'below'} the {BAR:g}x bar)" for label, folder, x in ratios]
     text = ("## Serving: one request at a time vs micro-batching\n\n"
@@ -136,7 +141,10 @@ def main() -> None:
             f"{args.rounds} round(s), modes alternating. Server and clients share this machine's "
             f"{os.cpu_count()} cores. "
             "Latency is per request, as the client sees it (queueing, batching wait and HTTP included); "
-            "mean batch is requests per model call as the server counted them.\n\n"
+            "mean batch is requests per collected batch as the server counted them; a batch is split into "
+            "length groups, one model call each, where the cost model the server measures at start-up "
+            "says that is faster than padding every text to the longest (grouping.py):\n\n"
+            + "\n".join(costs) + "\n\n"
             + markdown_table(rows) + "\n\n" + "\n".join(lines) + "\n\n"
             + f"Rerun: `python benchmarks/serving.py`. _Run time: {time.time() - t0:.0f} s._\n")
     print(text)

@@ -113,7 +113,7 @@ def test_fold_bn_on_torchvision_resnet(tmp_path):
 def test_nothing_to_fold_is_a_note_and_a_parity_bound_fails_clearly(tmp_path):
     state = ModelState.from_module(tiny("text"), TINY["text"])
     rep = run(state, fold_bn, FoldBnConfig(), "text", tmp_path)
-    assert rep.stats["pairs_folded"] == 0 and rep.stats["note"].startswith("nothing to fold")
+    assert rep.stats["pairs_folded"] == 0 and rep.notes[0].startswith("nothing to fold")
     assert not rep.changed and "bn_folded" not in state.spec
     state = ModelState.from_module(tiny("cnn"), TINY["cnn"])
     with pytest.raises(ModelError, match="(?s)fold_bn: the folded model disagrees.*max_abs_error"):
@@ -134,7 +134,7 @@ def test_skipped_batchnorms_say_why(tmp_path):
     model = Shared().eval()
     state = ModelState.from_module(model, {"arch": "module"})
     rep = run(state, fold_bn, FoldBnConfig(), "cnn", tmp_path)
-    assert rep.stats["note"].startswith("nothing to fold")
+    assert rep.notes[0].startswith("nothing to fold")
     assert rep.skipped == {"pre": "its input is not the output of a Conv/Linear layer",
                            "bn": "the output of conv is also read by something else"}
 
@@ -179,7 +179,7 @@ def test_no_attention_fusion_is_reported(tmp_path):
     state = ModelState.from_module(tiny("text"), TINY["text"])  # SDPA attention, not re-exported
     run(state, onnx_export, OnnxExportConfig(), "text", tmp_path, 0)
     rep = run(state, ort_transformer_optimize, OrtTransformerOptimizeConfig(eager_attention=False), "text", tmp_path, 1)
-    assert "Attention" not in rep.stats["fused_operators"] and rep.stats["note"] == "no Attention fusion happened"
+    assert "Attention" not in rep.stats["fused_operators"] and rep.notes == ["no Attention fusion happened"]
     assert "no Attention fusion" in rep.skipped["<attention>"] and rep.stats["max_abs_error"] < 1e-4
 
 
@@ -189,9 +189,9 @@ def test_ort_optimize_levels_and_misuse(tmp_path):
     exported = state.onnx_path
     rep = run(state, ort_optimize, OrtOptimizeConfig(level="extended"), "cnn", tmp_path, 1)
     assert rep.changed["FusedConv"].startswith("0 -> ") and rep.stats["max_abs_error"] < 1e-4
-    assert rep.stats["optimized_for"] == "CPUExecutionProvider" and "note" not in rep.stats
+    assert rep.stats["optimized_for"] == "CPUExecutionProvider" and not rep.notes
     rep = run(state, ort_optimize, OrtOptimizeConfig(level="all"), "cnn", tmp_path, 2)
-    assert "CPUExecutionProvider" in rep.stats["note"] and rep.stats["parity_reference"] == "eager PyTorch"
+    assert "CPUExecutionProvider" in rep.notes[0] and rep.stats["parity_reference"] == "eager PyTorch"
     assert state.onnx_path != exported and reload(state, "cnn", tmp_path).onnx_path.is_file()
     with pytest.raises(ModelError, match="(?s)not a BERT-family transformer.*ort_optimize"):
         run(state, ort_transformer_optimize, OrtTransformerOptimizeConfig(), "cnn", tmp_path, 3)
@@ -207,3 +207,17 @@ def test_recipes_are_shipped():
     stages = Recipe.load(shipped["intent/onnx-fused-int8"]).stages
     assert [type(s).__name__ for s in stages] == ["OnnxExportConfig", "OrtTransformerOptimizeConfig",
                                                   "OrtInt8DynamicConfig"]
+
+
+def test_stage_notes_reach_the_variant_notes(ctr_task, ctr_model):
+    import slimcart as sc
+
+    res = sc.compress(ctr_model, ctr_task, [sc.Recipe([FoldBnConfig()], name="fold")], progress=False,
+                      measure=sc.MeasureConfig(batch_sizes=[1], runtimes=["torch"], memory=False,
+                                               deployed=False, throughput_seconds=0.0))
+    try:
+        v = res.result.variants[0]
+        assert any(n.startswith("fold_bn: nothing to fold") for n in v.notes), v.notes
+        assert v.stages[0]["notes"][0].startswith("nothing to fold")
+    finally:
+        res.cleanup()

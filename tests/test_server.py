@@ -374,3 +374,40 @@ def test_sigterm_answers_in_flight_requests_and_exits_0(servers, ctr_task):
     assert server.proc.wait(30) == 0
     with pytest.raises(OSError):
         server.get("/health")
+
+
+def test_length_groups_are_the_cheapest_split_and_answers_do_not_change(servers, texts):
+    """plan_groups is exact for its cost model (checked against every split of a small case), and
+    a batch split into length groups answers exactly as one padded call."""
+    import itertools
+
+    from slimcart.serving.grouping import CallCost, plan_groups
+    from slimcart.serving.server import ServedModel
+
+    lengths, rows = [5, 50, 6, 52, 20], [1, 2, 1, 1, 3]
+    cheap_calls = CallCost(overhead_s=1.0, per_token_s=0.1)
+    groups = plan_groups(lengths, rows, cheap_calls)
+    assert sorted(i for g in groups for i in g) == list(range(5))
+
+    def total(gs):
+        return sum(cheap_calls.of(sum(rows[i] for i in g), max(lengths[i] for i in g)) for g in gs)
+
+    order = sorted(range(5), key=lengths.__getitem__)
+    every = [[order[a:b] for a, b in zip((0, *cuts), (*cuts, 5))]
+             for k in range(5) for cuts in itertools.combinations(range(1, 5), k)]
+    assert total(groups) == pytest.approx(min(map(total, every)))
+    assert groups == [[0, 2], [4], [1, 3]]
+    assert len(plan_groups(lengths, rows, CallCost(overhead_s=100.0, per_token_s=0.1))) == 1  # calls dear: one
+
+    model = ServedModel(servers["intent"][1])
+    assert model.cost is not None and model.cost.per_token_s > 0
+    model.cost = CallCost(overhead_s=0.0, per_token_s=1.0)  # every length its own call
+    some = texts[1]
+    jobs = [model.prepare("application/json", json.dumps({"texts": t}).encode(), 10)
+            for t in ([some[0]], some[1:4], [" ".join(some[5:8])], [some[8]])]
+    assert len({j.inputs[0].shape[1] for j in jobs}) > 1
+    split = model.run_batch(jobs)
+    assert model.calls > 1
+    whole = model.run(model.bundle.collate([j.inputs for j in jobs]))
+    np.testing.assert_allclose(np.concatenate(split), whole, atol=1e-5)
+    assert ServedModel(servers["ctr"][1]).cost is None

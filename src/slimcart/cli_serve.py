@@ -29,6 +29,9 @@ def serve(model_dir: Path = typer.Argument(..., help="A model folder saved by sl
                                                 "(default: the runtime's default)."),
           max_items: int = typer.Option(256, "--max-items", min=1, help="Most texts, rows or images per request."),
           max_body_mb: float = typer.Option(10.0, "--max-body-mb", min=0.001, help="Largest request body."),
+          length_groups: bool = typer.Option(True, "--length-groups/--no-length-groups", help=(
+              "Text: split a collected batch into length groups (one model call each) where the cost "
+              "measured at start-up says it is faster than padding all to the longest.")),
           log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug.")
           ) -> None:
     """Serve a saved model over HTTP, batching concurrent requests into one model call.
@@ -43,7 +46,8 @@ def serve(model_dir: Path = typer.Argument(..., help="A model folder saved by sl
 
     if not (model_dir / "slimcart.json").is_file():
         raise UsageError(f"{model_dir} is not a model folder saved by slimcart (no slimcart.json).")
-    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_items=max_items, max_body_mb=max_body_mb)
+    cfg = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_items=max_items, max_body_mb=max_body_mb,
+                      length_groups=length_groups)
     run_server(model_dir, host, port, cfg, runtime=runtime, threads=threads, log_level=log_level)
 
 

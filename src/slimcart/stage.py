@@ -45,11 +45,12 @@ class StageReport:
     changed: dict[str, str] = field(default_factory=dict)   # layer -> what changed
     skipped: dict[str, str] = field(default_factory=dict)   # layer -> why it was left alone
     stats: dict[str, Any] = field(default_factory=dict)     # achieved sparsity, parity error...
+    notes: list[str] = field(default_factory=list)          # what a user should read (copied to the variant)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"technique": self.technique, "config": self.config, "changed": self.changed,
-                "skipped": self.skipped, "stats": self.stats, "seconds": round(self.seconds, 3)}
+                "skipped": self.skipped, "stats": self.stats, "notes": self.notes, "seconds": round(self.seconds, 3)}
 
 
 @dataclass

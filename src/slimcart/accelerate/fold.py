@@ -155,7 +155,8 @@ def fold_bn(state: ModelState, cfg: FoldBnConfig, ctx: StageContext) -> StageRep
     example = ctx.task.example_inputs(2, "val")
     pairs, report.skipped, how = find_pairs(model, example)
     if not pairs:
-        report.stats.update(pairs_folded=0, note="nothing to fold: " + (
+        report.stats.update(pairs_folded=0)
+        report.notes.append("nothing to fold: " + (
             "the model has no BatchNorm layer" if not report.skipped else "no BatchNorm directly follows "
             "a Conv/Linear it can be folded into (see skipped)"))
         return report

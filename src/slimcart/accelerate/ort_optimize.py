@@ -106,7 +106,7 @@ def ort_optimize(state: ModelState, cfg: OrtOptimizeConfig, ctx: StageContext) -
     report.stats.update(level=cfg.level, optimized_for=cfg.provider, onnxruntime=ort.__version__,
                         nodes_before=sum(before.values()), nodes_after=sum(after.values()))
     if cfg.level == "all":
-        report.stats["note"] = (f"level 'all' graphs hold layout-specific fused ops for {cfg.provider} on this "
+        report.notes.append(f"level 'all' graphs hold layout-specific fused ops for {cfg.provider} on this "
                                 "CPU kind (e.g. NCHWc convolutions); serve it with that provider on a like CPU")
     report.stats.update(check_parity("ort_optimize", state, src, out, ctx, cfg))
     state.onnx_path = out

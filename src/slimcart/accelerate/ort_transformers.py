@@ -125,7 +125,7 @@ def ort_transformer_optimize(state: ModelState, cfg: OrtTransformerOptimizeConfi
     report.changed["<graph>"] = "fused: " + ", ".join(f"{op} x{n}" for op, n in fused.items())
     if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
         report.skipped["<attention>"] = "no Attention fusion happened: attention runs as separate MatMul/Softmax ops"
-        report.stats["note"] = "no Attention fusion happened"
+        report.notes.append("no Attention fusion happened")
     report.stats.update(fused_operators=fused, num_heads=heads, hidden_size=hidden, sizes_from=where,
                         optimized_for="CPUExecutionProvider", nodes_before=sum(op_counts(src).values()),
                         nodes_after=len(model.graph.node))

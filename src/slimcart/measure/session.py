@@ -72,6 +72,7 @@ class Session:
         artifact.save(state, folder, task=desc, examples=self.examples, input_names=self.task.input_names,
                       stages=[s.to_dict() for s in stages], bundle=self.task)
         cand = Candidate(name, folder, state.format, recipe, list(stages))
+        cand.notes.extend(f"{s.technique}: {n}" for s in stages for n in getattr(s, "notes", []))
         self._serve(cand)
         self._score(cand, "val")
         self.candidates[name] = cand

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from .. import artifact
 from ..errors import SlimcartError
 from .batcher import BatcherClosed, MicroBatcher
+from .grouping import measure_cost, plan_groups
 from .bundle import load_bundle
 from .payload import BadRequest, example, parse
 
@@ -44,6 +45,7 @@ class ServeConfig:
     max_wait_ms: float = 5.0     # how long the oldest queued request waits for others
     max_items: int = 256         # texts, rows or images in one request
     max_body_mb: float = 10.0
+    length_groups: bool = True   # text: split a batch by length where the measured cost says it pays
     window: int = 2000           # recent requests behind the latency percentiles of /metrics
 
 
@@ -58,7 +60,8 @@ class Job:
 class ServedModel:
     """A bundle and the runner of one runtime, loaded (and run once) before the server starts."""
 
-    def __init__(self, folder: str | Path, runtime: str | None = None, threads: int | None = None):
+    def __init__(self, folder: str | Path, runtime: str | None = None, threads: int | None = None,
+                 length_groups: bool = True):
         if threads:
             torch.set_num_threads(threads)
         self.folder = Path(folder)
@@ -67,12 +70,22 @@ class ServedModel:
         self.run = self.bundle.runner(self.runtime)
         if (self.folder / artifact.EXAMPLES).is_file():  # warm up, and fail now if the model cannot run
             self.run(tuple(t[:1] for t in artifact.load_examples(self.folder)))
+        # text batches are split by length where that is faster (grouping.py); the cost model is
+        # measured here, on this runner
+        self.cost = None
+        if length_groups and self.bundle.spec["kind"] == "text" and (self.folder / artifact.EXAMPLES).is_file():
+            ids, mask = artifact.load_examples(self.folder)[:2]
+            self.cost = measure_cost(self.run, ids, mask)
+        self.calls = 0
         self._encode_lock = threading.Lock()  # a Hugging Face tokenizer is not safe across threads
 
     def info(self) -> dict[str, Any]:
         return {"model": self.folder.name, "folder": str(self.folder), "task": self.bundle.task,
                 "arch": self.bundle.meta.get("model", {}).get("arch"), "format": self.bundle.meta.get("format"),
-                "runtime": self.runtime, "threads": torch.get_num_threads()}
+                "runtime": self.runtime, "threads": torch.get_num_threads(),
+                "length_groups": None if self.cost is None else {
+                    "call_overhead_ms": round(self.cost.overhead_s * 1e3, 4),
+                    "per_token_us": round(self.cost.per_token_s * 1e6, 4)}}
 
     def prepare(self, content_type: str, body: bytes, max_items: int) -> Job:
         payload = parse(self.bundle, content_type, body, max_items)
@@ -83,9 +96,17 @@ class ServedModel:
         return Job(inputs, payload.names or names, index, len(items))
 
     def run_batch(self, jobs: list[Job]) -> list[np.ndarray]:
-        out = self.run(self.bundle.collate([j.inputs for j in jobs]))
-        ends = np.cumsum([j.rows for j in jobs])
-        return list(np.split(out, ends[:-1]))
+        groups = [list(range(len(jobs)))]
+        if self.cost is not None and len(jobs) > 1:
+            groups = plan_groups([j.inputs[0].shape[1] for j in jobs], [j.rows for j in jobs], self.cost)
+        outs: list[np.ndarray | None] = [None] * len(jobs)
+        for group in groups:
+            out = self.run(self.bundle.collate([jobs[i].inputs for i in group]))
+            self.calls += 1
+            ends = np.cumsum([jobs[i].rows for i in group])
+            for i, part in zip(group, np.split(out, ends[:-1])):
+                outs[i] = part
+        return outs
 
     def answer(self, job: Job, logits: np.ndarray) -> list[dict]:
         """The rows ``slimcart predict`` prints: ``input`` (or ``row``), then the outputs."""
@@ -224,7 +245,7 @@ def create_app(model: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 
     @app.get("/metrics")
     async def get_metrics(request: Request, format: str = "json"):
-        doc = metrics.snapshot(batcher)
+        doc = {**metrics.snapshot(batcher), "model_calls": model.calls}
         if format == "prometheus" or "text/plain" in request.headers.get("accept", ""):
             return PlainTextResponse(prometheus(doc), media_type="text/plain; version=0.0.4")
         return JSONResponse(json.loads(json.dumps(doc)))
@@ -235,11 +256,14 @@ def create_app(model: ServedModel, cfg: ServeConfig = ServeConfig()) -> FastAPI:
 def run_server(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, cfg: ServeConfig = ServeConfig(),
                runtime: str | None = None, threads: int | None = None, log_level: str = "info") -> None:
     """Load the model, then serve it until SIGTERM/SIGINT (graceful: queued requests are answered)."""
-    model = ServedModel(folder, runtime, threads)
+    model = ServedModel(folder, runtime, threads, cfg.length_groups)
     app = create_app(model, cfg)
     info = model.info()
     print(f"serving {info['folder']} ({info['task']}, {info['runtime']}, {info['threads']} threads, "
           f"max batch {cfg.max_batch}, max wait {cfg.max_wait_ms:g} ms) on http://{host}:{port}", flush=True)
+    if info["length_groups"]:
+        print("text batches split by length; measured cost of a call: {call_overhead_ms} ms + "
+              "{per_token_us} us per padded token".format(**info["length_groups"]), flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=30)
     _GracefulServer(config).run()
