@@ -327,6 +327,16 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    show = warnings.showwarning
+
+    def one_line(message, category, *args, **kwargs):  # a runtime fallback is a notice, not a traceback
+        if category.__name__ == "RuntimeFallbackWarning":
+            err.print(f"notice: {message}", markup=False, highlight=False)
+        else:
+            show(message, category, *args, **kwargs)
+    warnings.showwarning = one_line
     try:
         app()
     except SlimcartError as exc:
