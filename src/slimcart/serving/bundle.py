@@ -120,7 +120,7 @@ class Bundle:
         probability of the label); ctr: ``probability``. Image files and texts come with an
         ``input`` column; table rows keep their index. Rows are run ``batch_size`` at a time
         (text is trimmed per batch, as in the task)."""
-        fn = self._run(runtime or self.runtimes[0])
+        fn = self.runner(runtime or self.runtimes[0])
         items, names = self.read(raw)
         if limit is not None:
             items, names = _rows(items, 0, limit), (names[:limit] if names else names)
@@ -180,9 +180,6 @@ class Bundle:
 
     def runner(self, runtime: str):
         """The callable that runs the model in ``runtime``: input tensors -> numpy outputs."""
-        return self._run(runtime)
-
-    def _run(self, runtime: str):
         if runtime not in self.runtimes:
             raise UsageError(f"{self.folder} ({self.meta['format']}) cannot run in {runtime!r}.",
                              f"Use one of: {', '.join(self.runtimes)}.")

@@ -68,14 +68,14 @@ class ServedModel:
         self.bundle = load_bundle(self.folder)
         self.runtime = runtime or self.bundle.default_runtime
         self.run = self.bundle.runner(self.runtime)
-        if (self.folder / artifact.EXAMPLES).is_file():  # warm up, and fail now if the model cannot run
-            self.run(tuple(t[:1] for t in artifact.load_examples(self.folder)))
+        examples = artifact.load_examples(self.folder) if (self.folder / artifact.EXAMPLES).is_file() else None
+        if examples:  # warm up, and fail now if the model cannot run
+            self.run(tuple(t[:1] for t in examples))
         # text batches are split by length where that is faster (grouping.py); the cost model is
         # measured here, on this runner
         self.cost = None
-        if length_groups and self.bundle.spec["kind"] == "text" and (self.folder / artifact.EXAMPLES).is_file():
-            ids, mask = artifact.load_examples(self.folder)[:2]
-            self.cost = measure_cost(self.run, ids, mask)
+        if length_groups and examples and self.bundle.spec["kind"] == "text":
+            self.cost = measure_cost(self.run, examples[0], examples[1])
         self.calls = 0
         self._encode_lock = threading.Lock()  # a Hugging Face tokenizer is not safe across threads
 
