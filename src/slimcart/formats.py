@@ -40,10 +40,18 @@ def register_format(fmt: Format) -> Format:
 
 
 def formats() -> dict[str, Format]:
+    from .registry import techniques
+
+    techniques()
     return dict(_FORMATS)
 
 
 def get(name: str) -> Format:
+    if name not in _FORMATS:
+        # formats made by techniques register when their module is imported
+        from .registry import techniques
+
+        techniques()
     if name not in _FORMATS:
         raise ModelError(f"Unknown model format {name!r}.{closest(str(name), list(_FORMATS))}",
                          f"Known formats: {', '.join(_FORMATS)}.")
@@ -126,7 +134,7 @@ register_format(Format(ONNX, "model.onnx", _save_onnx, _load_onnx, serves=("onnx
 
 def describe() -> dict[str, Any]:
     return {n: {"weights": f.weights, "serves": list(f.serves), "convert": f.convert, "summary": f.summary}
-            for n, f in _FORMATS.items()}
+            for n, f in formats().items()}
 
 
 def served_state(folder: Path, state: ModelState, family: str, tmp: Path):
