@@ -178,7 +178,10 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
              batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,32 (overrides the recipe)."),
              data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
              label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
-             dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
+             dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet,
+             gate: bool = typer.Option(False, "--gate", help=(
+                 "Drop every variant that is slower than the baseline, in the runtime that serves it, "
+                 "at any measured batch size (listed in result.json under `gated`)."))) -> None:
     """Apply recipes to a model, measure every variant against it, write the report.
 
     Example: slimcart compress --task intent --dataset bitext --recipe intent/onnx-int8 --out runs/intent
@@ -200,7 +203,9 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
     t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense, **options)
     base = model if model else t.train_baseline(budget, seed=seed, progress=not quiet)
     res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet, weights=weights,
-                            baseline_info=getattr(base, "slimcart_training", None))
+                            baseline_info=getattr(base, "slimcart_training", None), drop_slower=gate)
+    for g in res.result.gated:
+        out.print(f"gate: dropped {g['name']}: {g['reason']}")
     try:
         res.save(out_dir, overwrite)
     finally:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import registry
+from . import gate, registry
 from .errors import RecipeError, UsageError
 from .measure.session import Session
 from .output import staged_output
@@ -57,6 +57,22 @@ class CompressResult:
             write_report(self.result, stage)
         return Path(out)
 
+    def drop_slower(self) -> list[str]:
+        """Remove the variants the speed gate marks "slower" (their artifacts too); they are listed
+        in ``result.gated`` with the reason. Returns their names."""
+        keep, gone = [], []
+        for v in self.result.variants:
+            if gate.gate_of(self.result, v)["verdict"] == "slower":
+                gone.append(v)
+                shutil.rmtree(self.workdir / "artifacts" / v.artifact, ignore_errors=True)
+                self.outputs.pop(v.name, None)
+            else:
+                keep.append(v)
+        self.result.variants = keep
+        self.result.gated = [*self.result.gated,
+                             *({"name": v.name, "reason": gate.gate_of(self.result, v)["reason"]} for v in gone)]
+        return [v.name for v in gone]
+
     def cleanup(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -78,13 +94,15 @@ def apply_recipe(state: ModelState, recipe: Recipe, task: Task, workdir: Path,
 
 def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
              measure: MeasureConfig | None = None, progress: bool = True,
-             baseline_info: dict | None = None, weights: str | Path | None = None) -> CompressResult:
+             baseline_info: dict | None = None, weights: str | Path | None = None,
+             drop_slower: bool = False) -> CompressResult:
     """Compress ``model`` with one recipe or a list of recipes and measure every variant against it.
 
     ``model``: an nn.Module (trained by slimcart, or any module: the task's inputs are its example
     inputs), a slimcart model folder, a Hugging Face sequence-classification folder, an ONNX file,
     or ``"torchvision:NAME"`` / ``"timm:NAME"`` with ``weights`` (a safetensors state dict).
-    Variants are scored on validation; all of them are chosen, timed and scored on test."""
+    Variants are scored on validation; all of them are chosen, timed and scored on test.
+    ``drop_slower``: leave out the variants the speed gate marks "slower" (see slimcart.gate)."""
     recipes = [resolve(r) for r in (recipe if isinstance(recipe, (list, tuple)) else [recipe])]
     base_state, source_note, info = baseline_state(model, task, spec=spec, weights=weights)
     problems = [f"{r.source}: {p}" for r in recipes
@@ -107,7 +125,10 @@ def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
                                  source=source_note)
         outputs = {n: c.outputs["test"] for n, c in session.candidates.items() if "test" in c.outputs}
         session.close()
-        return CompressResult(result, workdir, outputs)
+        res = CompressResult(result, workdir, outputs)
+        if drop_slower:
+            res.drop_slower()
+        return res
     except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
         raise
@@ -123,6 +144,12 @@ def measure_session(session: Session, names: list[str], baseline_info: dict, sou
     for v in variants:
         v["compression_ratio"] = base["size_bytes"] / max(1, v["size_bytes"])
         v["speedup_vs_baseline"] = {rt: {b: d["x"] for b, d in per.items()} for rt, per in v["speedup"].items()}
+    families = {c.label: c.runtime.family for c in session.choices}
+    for v in variants[1:]:
+        v["gate"] = gate.assess(v, families)
+        if v["gate"]["verdict"] == "slower":
+            v["notes"] = [*v["notes"], f"speed gate: {v['gate']['reason']}; never chosen as the best "
+                                       "variant, and `compress --gate` drops it"]
     return Result(task=task.name, dataset=task.dataset, threads=session.threads,
                   primary_metric=task.primary_metric, baseline=Variant(**variants[0]),
                   variants=[Variant(**v) for v in variants[1:]], environment=environment(),

@@ -68,6 +68,7 @@ class Variant(BaseModel):
     model_memory_mb: dict[str, float] = {}                  # runtime -> peak RSS above the runtime's own
     stages: list[dict[str, Any]] = []
     notes: list[str] = []
+    gate: dict[str, Any] = {}   # the speedup gate (slimcart.gate): verdict, runtime, slower_in, reason
 
 
 class Result(BaseModel):
@@ -86,6 +87,7 @@ class Result(BaseModel):
     runtimes: list[dict[str, Any]] = []        # each runtime's options, as used for timing
     model_source: str = ""                     # what the baseline was made from
     selection: str = ""                        # which split chose the variants
+    gated: list[dict[str, Any]] = []           # variants dropped by `compress --gate`: name, reason
 
     def variant_rows(self) -> list[Variant]:
         """The baseline first, then the variants in run order."""

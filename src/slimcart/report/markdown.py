@@ -174,8 +174,44 @@ def summary_table(result: Result) -> list[dict[str, str]]:
                     elif s is not None:
                         cell += f" ({fmt_x(s)})"
             row[f"p50 ms {rt} b={b}"] = cell
+        row["Speed gate"] = DASH if v is result.baseline else gate_cell(result, v)
         rows.append(row)
     return rows
+
+
+def gate_cell(result: Result, v: Variant) -> str:
+    """"faster", "=" or "SLOWER (onnxruntime b=1)": the speed gate in the runtime serving it."""
+    from ..gate import gate_of
+
+    g = gate_of(result, v)
+    if g["verdict"] == "slower":
+        where = [f"{rt} b={','.join(bs)}" for rt, bs in g["slower_in"].items()
+                 if g["runtime"] is None or rt == g["runtime"]]
+        return f"SLOWER ({'; '.join(where)})"
+    return {"faster": "faster", "no measured difference": "=", "not timed": DASH}[g["verdict"]]
+
+
+def _gate_blocks(result: Result) -> list[Block]:
+    from ..gate import best_variant, gate_of
+
+    lines = []
+    best = best_variant(result)
+    metric = primary_metric(result)
+    if result.variants:
+        lines.append(f"Best: {best.name} (the fastest in the runtime serving it, {metric} within 1 point "
+                      "of the baseline, not slower)" if best is not None else
+                      f"Best: none (no variant is faster with {metric or 'its metric'} within 1 point of the baseline)")
+    for v in result.variants:
+        g = gate_of(result, v)
+        if g["verdict"] == "slower":
+            lines.append(f"{v.name}: SLOWER: {g['reason']}.")
+        elif any(g["slower_in"].values()):
+            other = "; ".join(f"{rt} b={','.join(bs)}" for rt, bs in g["slower_in"].items())
+            lines.append(f"{v.name}: {g['verdict']} in {g['runtime']}, but slower in {other}.")
+    lines += [f"{g['name']}: dropped by --gate: {g['reason']}." for g in result.gated]
+    return [Para("a variant slower than the baseline in the runtime that serves it, at any measured batch "
+                 "size, is marked SLOWER, never chosen as best, and dropped by `compress --gate`.",
+                 "Speed gate:"), Bullets(lines)] if lines else []
 
 
 def _latency_table(result: Result) -> Table:
@@ -284,6 +320,7 @@ def build_blocks(result: Result) -> list[Block]:
              "runtime and batch size; (=) marks no measured difference (the speedup's 95% interval "
              "includes 1.0, or the difference is under 3%).", "Note:"),
         Table(list(summary[0]), [list(r.values()) for r in summary]),
+        *_gate_blocks(result),
         Image("Metric vs latency (Pareto front)", "pareto.png"),
         Heading(2, "Metrics"), Para("On the test split, scored once for the report.", "Test:"),
         _metrics_table(result),
