@@ -17,7 +17,7 @@ CASES = [
     # bitext is the e-commerce demo (a fine-tuned MiniLM makes ~3 errors in 450 there); accuracy
     # differences between variants are measured on banking77
     ("intent", "banking77", ["intent/int8-dynamic", "intent/onnx-int8", "intent/prune30-onnx"]),
-    ("product_image", "fashion-mnist", ["product_image/onnx", "product_image/onnx-int8",
+    ("product_image", "fashion-mnist", ["product_image/onnx", "product_image/static-int8",
                                         "product_image/prune50-global"]),
     ("ctr", "womens-reviews", ["ctr/int8-dynamic", "ctr/onnx-int8", "ctr/prune-threshold"]),
     ("ctr", "online-shoppers", ["ctr/int8-dynamic", "ctr/onnx-int8", "ctr/prune-threshold"]),

@@ -390,3 +390,5 @@ def predict(model_dir: Path = typer.Argument(..., help="A model folder saved by 
 from .cli_serve import register as _register_serving  # noqa: E402  (serve, loadtest)
 
 _register_serving(app)
+from .cli_archive import register as _register_archive  # noqa: E402
+_register_archive(app)

@@ -13,7 +13,7 @@ from .tasks import DEFAULT_DATASET, load_task
 
 DEFAULT_RECIPES = {
     "intent": ["intent/int8-dynamic", "intent/onnx-int8"],
-    "product_image": ["product_image/onnx", "product_image/onnx-int8"],
+    "product_image": ["product_image/onnx", "product_image/static-int8"],
     "ctr": ["ctr/int8-dynamic", "ctr/onnx-int8", "ctr/prune-threshold"],
 }
 

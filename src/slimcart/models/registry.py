@@ -85,6 +85,21 @@ def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.
         from .fold import apply_folding
 
         apply_folding(model, model_spec["bn_folded"])
+    if model_spec.get("embedding_quant"):
+        # embedding tables stored as packed low-bit rows with per-row scales (after row pruning)
+        from .quant_embedding import apply_embedding_quant
+
+        apply_embedding_quant(model, model_spec["embedding_quant"])
+    if model_spec.get("weight_only"):
+        # Linear layers holding packed int8/int4 weight codes and group scales
+        from .weight_only_linear import apply_weight_only
+
+        apply_weight_only(model, model_spec["weight_only"])
+    if model_spec.get("half"):
+        # weights cast to float16/bfloat16 (norm layers kept float32) so the saved dtypes load as they are
+        from ..quantize.half import apply_half
+
+        apply_half(model, model_spec["half"])
     return model
 
 
