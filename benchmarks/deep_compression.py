@@ -37,7 +37,7 @@ MLP_TRAIN = TrainConfig(epochs=8, batch_size=128, lr=1e-3, weight_decay=1e-4)
 MLP_STAGES = [
     {"type": "gradual_prune", "final_sparsity": 0.92, "steps": 4, "epochs_per_step": 0.75, "final_epochs": 1.0,
      "scope": "global", "lr": 1e-3},
-    {"type": "weight_sharing", "bits": 5, "train": {"epochs": 0.5, "lr": 1e-4}},
+    {"type": "weight_sharing", "bits": 5, "layer_bits": {"hidden.0": 4}, "train": {"epochs": 0.5, "lr": 1e-4}},
 ]
 WHAT = {"fold_bn": "BatchNorm folded into the convolutions", "gradual_prune": "pruned: sparse, relative indices",
         "magnitude_prune": "pruned: sparse, relative indices", "weight_sharing": "+ shared: codebook + packed indices"}

@@ -27,8 +27,8 @@ from slimcart.recipe import MeasureConfig, Recipe
 
 IMAGE = {"batch_sizes": [1, 64], "runtimes": ["torch", "onnxruntime"]}
 TEXT = {"batch_sizes": [1, 32], "runtimes": ["torch", "onnxruntime"]}
-TEXT_STATIC = dict(op_types=["MatMul", "Gemm", "Gather"], matmul_const_b_only=True, calibration_size=256,
-                   calibration_batch=32)
+TEXT_STATIC = dict(op_types=["MatMul", "Gemm", "Gather"], matmul_const_b_only=True, calibrate_method="entropy",
+                   calibration_size=256, calibration_batch=32)
 
 
 def _inline(name: str, stages: list, measure: dict, description: str) -> Recipe:
@@ -37,7 +37,8 @@ def _inline(name: str, stages: list, measure: dict, description: str) -> Recipe:
 
 def image_recipes(quick: bool) -> list:
     out = ["product_image/onnx",
-           _inline("dynamic-convinteger", [OnnxExportConfig(), OrtInt8DynamicConfig(op_types=["Conv", "Gemm", "MatMul"])],
+           _inline("dynamic-convinteger",
+                   [OnnxExportConfig(), OrtInt8DynamicConfig(op_types=["Conv", "Gemm", "MatMul"])],
                    IMAGE, "the removed product_image/onnx-int8 recipe: dynamic INT8 (ConvInteger)")]
     for method in ("minmax", "entropy", "percentile"):
         for rr in (True, False):
@@ -95,7 +96,8 @@ def stage_notes(res) -> list[str]:
                                f"({s['train']['seconds']} s)")
                 skipped = len(st.get("skipped", {}))
                 got.append(f"{len(st.get('changed', {}))} nodes changed, {skipped} skipped")
-                lines.append(f"- {v.name} / {st['technique']}: " + "; ".join(got) + "; " + " ".join(st.get("notes", [])))
+                got += st.get("notes", [])
+                lines.append(f"- {v.name} / {st['technique']}: " + "; ".join(got))
             elif st["technique"] == "ort_int8_dynamic":
                 ops = {k: n for k, n in s.get("ops_after", {}).items() if "Integer" in k or k[0] == "Q"}
                 lines.append(f"- {v.name} / ort_int8_dynamic: int8 ops {ops}")

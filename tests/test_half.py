@@ -85,9 +85,9 @@ def test_cpu_note_follows_the_cpu_features(tmp_path, monkeypatch):
     _, _, report = _half("cnn", tmp_path, dtype="bfloat16")
     note = next(n for n in report.notes if "storage format" in n)
     assert "avx512_bf16" in note and "slower than float32" in note
-    monkeypatch.setattr(hardware, "has_cpu_feature", lambda *names: "avx512_fp16" in names)
+    monkeypatch.setattr(hardware, "has_cpu_feature", lambda *names: "amx_fp16" in names)
     _, _, report = _half("cnn", tmp_path / "b", dtype="float16")
-    assert not any("storage format" in n for n in report.notes)
+    assert report.notes == []
 
 
 def test_onnx_float16_graph(tmp_path):
@@ -125,3 +125,21 @@ def test_shipped_recipe_validates():
     recipe = Recipe.load(shipped_recipes()["product_image/bf16"])
     assert check_order(recipe.stages) == []
     assert [str(r) for r in recipe.measure.runtimes] == ["torch"]
+
+
+def test_recasting_the_whole_model_keeps_it_consistent(tmp_path):
+    """A runner may move or cast the whole module (``model.to(device, dtype)``): the boundary casts
+    follow the weights, so the model still runs, in float32 or all in the half type."""
+    model, state, _ = _half("text", tmp_path, dtype="bfloat16")
+    x = tiny_inputs("text", 3)
+    with torch.inference_mode():
+        ref = model(*x)
+        for dtype, min_db in ((torch.float32, 40.0), (torch.bfloat16, 20.0)):  # weights were rounded
+            got = copy.deepcopy(state.torch_model).to(dtype=dtype)(*x)
+            assert got.dtype == torch.float32 and sqnr_db(ref, got) > min_db
+
+
+def test_float16_note_on_a_cpu_with_avx512_fp16_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "has_cpu_feature", lambda *names: "avx512_fp16" in names)
+    _, _, report = _half("cnn", tmp_path, dtype="float16")
+    assert any("prefer bfloat16" in n for n in report.notes)

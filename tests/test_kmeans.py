@@ -89,6 +89,9 @@ def test_linear_init_spans_min_max_and_kmeans_finds_clusters():
     assert np.allclose(np.sort(centroids), [-1.0, 0.2, 0.9], atol=0.01)
     assert np.all(np.diff(centroids) > 0)
     assert np.array_equal(idx, np.repeat([0, 1, 2], 500))
+    few = np.array([0.5, -1.0, 0.5, 2.0])  # no more distinct values than centroids: kept exactly
+    centroids, idx = kmeans_1d(few, 4, iterations=30)
+    assert np.array_equal(centroids[idx], few) and len(centroids) == 3
 
 
 @pytest.mark.parametrize("name", ["cnn", "mlp"])

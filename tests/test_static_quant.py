@@ -31,7 +31,8 @@ class TinyImageTask(ClassificationMixin, Task):
         g = torch.Generator().manual_seed(seed)
 
         def split(n):
-            return Split((torch.randn(n, 1, size, size, generator=g).to(dtype),), torch.randint(0, 5, (n,), generator=g))
+            x = torch.randn(n, 1, size, size, generator=g).to(dtype)
+            return Split((x,), torch.randint(0, 5, (n,), generator=g))
 
         return cls("tiny", {"train": split(rows), "val": split(64), "test": split(64)})
 

@@ -7,9 +7,11 @@ the rebuilt architecture before a saved state dict is loaded, so the dtypes surv
 ONNX: ONNX Runtime's ``convert_float_to_float16`` (float16 only; inputs and outputs kept
 float32; normalisation ops and ``exclude`` nodes kept float32).
 
-Half arithmetic is fast on GPUs and on CPUs with native support (bf16: AVX512-BF16 / AMX-BF16;
-fp16: AVX512-FP16 / AMX-FP16). Elsewhere it is a storage format: the stage still works and the
-model is 2x smaller, but PyTorch emulates the arithmetic (13-15x slower than float32 measured
+Half arithmetic pays off on GPUs at large batches and on CPUs with native support: measured on
+an H200 host (Xeon, AMX-BF16), MiniLM at batch 32 ran 1.9x faster in bf16 than in float32 with
+PyTorch, and on the H200 2.0x (bf16) / 2.5x (fp16) at batch 256 (small batches and the small CNN
+are bound by kernel launches there). Elsewhere it is a storage format: the stage still works and
+the model is 2x smaller, but PyTorch emulates the arithmetic (13-15x slower than float32 measured
 on an AVX2 CPU) and a note says so, with this CPU's features.
 """
 from __future__ import annotations
@@ -52,31 +54,36 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
-def _cast_inputs(_mod, args, kwargs, dtype):
-    return _cast(args, dtype), {k: _cast(v, dtype) for k, v in kwargs.items()}
+def _dtype(ref: torch.Tensor | None, default: torch.dtype) -> torch.dtype:
+    return ref.dtype if ref is not None else default
 
 
-def _model_inputs(mod, args, kwargs, dtype):
-    if dtype == torch.bfloat16 and torch.onnx.is_in_onnx_export():
+def _inputs_to(_mod, args, kwargs, ref, default):
+    d = _dtype(ref, default)
+    return _cast(args, d), {k: _cast(v, d) for k, v in kwargs.items()}
+
+
+def _output_to(_mod, _args, output, ref, default):
+    return _cast(output, _dtype(ref, default))
+
+
+def _model_inputs(mod, args, kwargs, ref, default):
+    if _dtype(ref, default) == torch.bfloat16 and torch.onnx.is_in_onnx_export():
         raise ModelError("a bfloat16 model cannot be exported for ONNX Runtime: ONNX's Conv/Gemm/MatMul/"
                          "LayerNormalization have no bfloat16 kernels there.",
                          "Measure it with runtime torch only, or use half with dtype float16.")
-    return _cast_inputs(mod, args, kwargs, dtype)
+    return _inputs_to(mod, args, kwargs, ref, default)
 
 
-def _cast_output(_mod, _args, output, dtype):
-    return _cast(output, dtype)
-
-
-def _boundary(mod: nn.Module, inside: torch.dtype, outside: torch.dtype) -> None:
-    """Inputs cast to ``inside`` on the way in, outputs to ``outside`` on the way out."""
-    mod.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=inside), with_kwargs=True)
-    mod.register_forward_hook(functools.partial(_cast_output, dtype=outside))
+def _first_float(mod: nn.Module) -> torch.Tensor | None:
+    return next((p for p in mod.parameters() if p.is_floating_point()), None)
 
 
 def apply_half(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     """Cast ``model`` in place as ``record`` says: floating weights and buffers to ``dtype`` except
-    in the ``keep_fp32`` modules (and below them), which run in float32 between casts."""
+    in the ``keep_fp32`` modules (and below them). The casts at the boundaries follow the weights'
+    dtypes at call time (a reference weight of each side), so moving or re-casting the whole model
+    later (``model.to(device, dtype)``) keeps it consistent."""
     if record.get("dtype") not in DTYPES:
         raise ModelError(f"half record has an unknown dtype {record.get('dtype')!r}; expected one of "
                          f"{', '.join(DTYPES)}.", "The model folder's slimcart.json is damaged.")
@@ -86,19 +93,24 @@ def apply_half(model: nn.Module, record: dict[str, Any]) -> nn.Module:
     if missing:
         raise ModelError(f"half record keeps {missing[:3]} in float32, but this architecture has no such "
                          "module.", "The model folder's slimcart.json does not match its weights.")
+    ref = None  # a weight that is cast: its dtype is the model's compute dtype
     for name, mod in names.items():
         if any(name == k or name.startswith(k + ".") for k in keep if k):
             continue
-        for key, p in mod.named_parameters(recurse=False):
+        for p in mod.parameters(recurse=False):
             if p.is_floating_point():
                 p.data = p.data.to(dtype)
+                ref = p if ref is None else ref
         for key, b in mod.named_buffers(recurse=False):
             if b.is_floating_point():
                 mod._buffers[key] = b.to(dtype)
     for k in keep:
-        _boundary(names[k], torch.float32, dtype)
-    model.register_forward_pre_hook(functools.partial(_model_inputs, dtype=dtype), with_kwargs=True)
-    model.register_forward_hook(functools.partial(_cast_output, dtype=torch.float32))
+        kept = names[k]
+        kept.register_forward_pre_hook(functools.partial(_inputs_to, ref=_first_float(kept), default=torch.float32),
+                                       with_kwargs=True)
+        kept.register_forward_hook(functools.partial(_output_to, ref=ref, default=dtype))
+    model.register_forward_pre_hook(functools.partial(_model_inputs, ref=ref, default=dtype), with_kwargs=True)
+    model.register_forward_hook(functools.partial(_output_to, ref=None, default=torch.float32))
     return model
 
 
@@ -119,9 +131,15 @@ def _kept(model: nn.Module, cfg: HalfConfig) -> dict[str, str]:
 def cpu_note(dtype: str, how: str | None = None) -> str | None:
     """Why this CPU gains nothing from ``dtype``, or None when it has native support."""
     feats = hardware.BF16_FEATURES if dtype == "bfloat16" else hardware.FP16_FEATURES
+    have = ", ".join(hardware.cpu()["features"]) or "none of the listed ones"
+    if dtype == "float16" and hardware.has_cpu_feature("avx512_fp16") \
+            and not hardware.has_cpu_feature("amx_fp16", "fphp"):
+        # measured on a Xeon with AVX512-FP16 and AMX-BF16, no AMX-FP16 (PyTorch 2.11, 16 threads)
+        return (f"float16 on this CPU ({have}): it has AVX512-FP16 but no AMX-FP16, and there PyTorch ran "
+                "float16 no faster than float32 (MiniLM batch 32: 56 vs 51 ms) while bfloat16 on AMX-BF16 was "
+                "1.9x faster: prefer bfloat16 on such a CPU")
     if hardware.has_cpu_feature(*feats):
         return None
-    have = ", ".join(hardware.cpu()["features"]) or "none of the listed ones"
     how = how or (f"PyTorch emulates {dtype} arithmetic and the model runs slower than float32 "
                   "(13-15x measured on an AVX2 CPU)")
     return (f"{dtype} is a storage format on this CPU: it reports none of {', '.join(feats)} (its features: "

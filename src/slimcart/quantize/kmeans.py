@@ -81,8 +81,12 @@ def assign(values: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int) -> tuple[np.ndarray, np.ndarray]:
     """Lloyd's k-means in one dimension from the linear initialisation: (centroids, index).
-    An empty cluster keeps its centroid (the centroids stay ascending)."""
+    An empty cluster keeps its centroid (the centroids stay ascending). With at most ``k``
+    distinct values, those values are the centroids (no error)."""
     values = values.astype(np.float64)
+    distinct, inverse = np.unique(values, return_inverse=True)
+    if len(distinct) <= k:
+        return distinct, inverse.reshape(-1)
     c = linear_init(values, k)
     idx = assign(values, c)
     for _ in range(iterations):
@@ -171,7 +175,7 @@ def weight_sharing(state: ModelState, cfg: WeightSharingConfig, ctx: StageContex
         tied[name] = TiedWeight(book, index, mask)
         q = book[torch.from_numpy(idx)].double().numpy()
         rel = float(np.linalg.norm(values - q) / max(np.linalg.norm(values), 1e-30))
-        per[name] = {"bits": bits, "centroids": 1 << bits, "nonzero": int(mask.sum()),
+        per[name] = {"bits": bits, "centroids": len(centroids), "nonzero": int(mask.sum()),
                      "sparsity": 1 - int(mask.sum()) / w.numel(), "sqnr_db": _sqnr_db(values, q),
                      "rel_error": rel}
     initial = {name: t.codebook.detach().clone() for name, t in tied.items()}
