@@ -41,6 +41,11 @@ bench: install fashion-mnist
 	$(PY) benchmarks/graph_opt.py
 	$(PY) benchmarks/runtimes.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/static_int8.py
+	$(PY) benchmarks/quant_intent.py
+	$(PY) benchmarks/weight_only.py
+	$(PY) benchmarks/embedding_quant.py
+	$(PY) benchmarks/deep_compression.py
 	$(PY) benchmarks/assemble.py
 
 clean:
