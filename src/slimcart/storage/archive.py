@@ -92,7 +92,10 @@ def write_archive(model_folder: str | Path, path: str | Path, *, overwrite: bool
     weight_bytes = sum(len(s) for s in sections)
     examples = {}
     if (folder / artifact.EXAMPLES).is_file():
-        examples = load_file(str(folder / artifact.EXAMPLES))
+        try:
+            examples = load_file(str(folder / artifact.EXAMPLES))
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise ModelError(f"Cannot read the example batch {folder / artifact.EXAMPLES}: {exc}") from None
         if not all_examples:
             examples = {k: v[:1].clone() for k, v in examples.items()}
     header["examples"] = _tensor_sections(examples, sections)
@@ -131,7 +134,7 @@ def stage_bytes(tensors: dict[str, torch.Tensor], huffman_bytes: int, archive_by
     packed indices (what a saved model folder holds); + Huffman (the archive's weight sections);
     and the whole archive."""
     dense = len(save({k: v.contiguous() for k, v in tensors.items()}))
-    rows = [("dense (fp32 file)", dense), ("pruned: sparse, relative indices", len(save(sparse_encode(tensors)[0]))),
+    rows = [("dense: every tensor as is", dense), ("pruned: sparse, relative indices", len(save(sparse_encode(tensors)[0]))),
             ("+ shared: codebook, packed indices", len(save(encode(tensors)[0]))),
             ("+ Huffman: archive weight sections", huffman_bytes), ("whole .scz archive", archive_bytes)]
     return [{"stage": s, "bytes": b, "ratio": dense / max(b, 1)} for s, b in rows]
