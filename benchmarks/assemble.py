@@ -7,8 +7,8 @@ from pathlib import Path
 from slimcart.pipeline import environment
 
 ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md",
-         "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "quant_intent.md", "weight_only.md",
-         "embedding_quant.md", "deep_compression.md"]
+         "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "int8_cpu_xeon_t2.md", "int8_cpu_xeon_t8.md", "quant_intent.md", "weight_only.md",
+         "embedding_quant.md", "deep_compression.md", "gpu.md"]
 HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 
 
@@ -41,6 +41,10 @@ def main() -> None:
         "test split before variants are chosen). For banking77 a batch of 32 is padded to 55 tokens "
         "(tables before this version timed test rows padded to 24), which is most of why its batch-32 "
         "latencies are ~3x the earlier ones.\n",
+        "Two kinds of section come from another machine, and say so with its description: "
+        "`int8_cpu_xeon_*` (the static INT8 artifacts of this file, rerun on a 16-core Xeon with AVX-512 "
+        "VNNI and AMX: `python benchmarks/int8_cpu.py .gpu`) and `gpu.md` (one NVIDIA H200: "
+        "`python benchmarks/gpu.py prepare .gpu` here, `python benchmarks/gpu.py run .gpu` there).\n",
         "Caveat found while measuring: two ONNX Runtime sessions of graphs that do the same work (a "
         "magnitude-pruned model is a dense graph with zeros) were measured 5-19% apart on "
         "sub-millisecond calls with two threads, with intervals that exclude 1.0: each session has "
