@@ -33,3 +33,23 @@ def test_text_model_tables_and_matmuls_are_quantized(tmp_path):
     got = OrtRunner(state.onnx_path, NAMES)(x)
     assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max() + 1e-3
     assert "preprocess" in rep.stats
+
+
+def test_nodes_already_reading_integer_tables_are_not_counted_as_quantized():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from slimcart.quantize.ort import _quantized_nodes
+
+    table = helper.make_tensor("codes", TensorProto.UINT8, [4, 2], [1, 2, 3, 4, 5, 6, 7, 8])
+    fp = helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 0.0, 0.0, 1.0])
+    nodes = [helper.make_node("Gather", ["codes", "ids"], ["g"], name="lookup"),
+             helper.make_node("Cast", ["g"], ["gf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("MatMul", ["gf", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 2])], [table, fp])
+    assert _quantized_nodes(graph) == {"lookup"}     # it reads an integer table from the start
+    quantized = helper.make_node("MatMulInteger", ["gq", "wq"], ["yq"], name="proj_quant")
+    after = helper.make_graph(nodes[:2] + [quantized], "g", graph.input, graph.output, [table, fp])
+    assert _quantized_nodes(after) - _quantized_nodes(graph) == {"proj"}
+    onnx.checker.check_graph(graph)

@@ -58,12 +58,16 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
                          op_types_to_quantize=list(cfg.op_types))
     except Exception as exc:  # the quantizer raises bare exceptions on graphs it cannot handle
         raise ModelError(f"ONNX Runtime's dynamic quantizer failed on {src.name}: {exc}") from None
-    before = {n.name: n.op_type for n in onnx.load(str(src)).graph.node}
+    src_graph = onnx.load(str(src)).graph
+    before = {n.name: n.op_type for n in src_graph.node}
+    already = _quantized_nodes(src_graph)   # e.g. a Gather over a table an earlier stage packed
     after = onnx.load(str(out)).graph
-    quantized = _quantized_nodes(after)
+    quantized = _quantized_nodes(after) - already
     for name, op in before.items():
         if op in cfg.op_types:
-            if name in quantized:
+            if name in already:
+                report.skipped[name] = f"{op}: already reads integer weights (quantized by an earlier stage)"
+            elif name in quantized:
                 report.changed[name] = f"{op} -> int8 weights"
             else:
                 report.skipped[name] = f"{op}: left in float by the quantizer (no constant weight input)"
