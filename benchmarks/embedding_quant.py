@@ -38,6 +38,7 @@ from slimcart import artifact, registry
 from slimcart.accelerate.onnx_export import export_onnx, parity
 from slimcart.measure import latency
 from slimcart.measure.runners import OrtRunner, TorchRunner
+from slimcart.measure.stats import fmt_speedup, speedup
 from slimcart.models.quant_embedding import QuantEmbedding
 from slimcart.quantize.embedding_quant import embedding_bytes
 from slimcart.stage import ModelState, StageContext
@@ -201,14 +202,16 @@ def run_dataset(dataset: str, tmp: Path, quick: bool, threads: int) -> list[str]
         for kind in ("lookup", "model"):
             for rt in ("torch", "onnxruntime"):
                 for b in BATCHES:
-                    v, ref = p50[(r["label"], kind, rt, b)], p50[("fp32", kind, rt, b)]
-                    row[f"{kind} {rt} b={b} ms"] = f"{fmt_ms(v)} ({v / ref:.2f}x)"
+                    key, ref = (r["label"], kind, rt, b), ("fp32", kind, rt, b)
+                    sp = "baseline" if key == ref else fmt_speedup(speedup(timings[ref], timings[key]))
+                    row[f"{kind} {rt} b={b} ms"] = f"{fmt_ms(p50[key])} ({sp})"
         speed.append(row)
     kernels = [{"graph": f"{label}: {kind}", **{f"b={b} p50 ms": fmt_ms(p50[(label, kind, 'gbq-table', b)])
                                                 for b in BATCHES}}
                for (label, kind) in [k for k in extra if isinstance(k, tuple)]]
     lines = [f"### {dataset}", "", info, "", "Sizes and accuracy:", "", markdown_table(sizes), "",
-             "p50 latency in ms (ratio to fp32 in the same run; lookup = every table for a batch of ids):", "",
+             "p50 latency in ms (speedup against fp32 in the same runtime and run, with its paired 95% "
+             "interval: below 1.0 is slower; lookup = every table for a batch of ids):", "",
              markdown_table(speed), ""]
     if "gbq_err" in extra:
         lines += ["ONNX Runtime, second-order tables only: the exported plain-op graph vs "
