@@ -9,6 +9,7 @@ from typing import Mapping
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
@@ -158,7 +159,8 @@ class ShardedEmbeddingCollection(nn.Module):
             n = [came[s][t] for s in range(world)]
             if sum(n):
                 rows = torch.cat([pieces[s * slots + t] for s in range(world)])
-                found[t] = self.shards[_key(name)][rows].split(n)
+                # sparse=True: the backward pass touches only the rows read, not the whole shard
+                found[t] = F.embedding(rows, self.shards[_key(name)], sparse=True).split(n)
         flat = [found[t][s].reshape(-1) for s in range(world) for t in range(slots) if t in found]
         values = torch.cat(flat) if flat else torch.zeros(0, dtype=self.dtype, device=got.device)
         params = list(self.shards.values())
