@@ -34,7 +34,8 @@ def main() -> None:
         "95% interval includes 1.0, or the difference is under 3%. `as deployed` is each runtime timed "
         "alone with its default options. Throughput is samples per second over 1 s of back-to-back "
         "calls. This machine drifts 20-30% between runs: compare ratios within a section, not absolute "
-        "ms across sections. Metric deltas are in points (x100) against the baseline on the same test "
+        "ms across sections. Eager PyTorch on 2 threads is far more sensitive to other load than ONNX Runtime "
+        "(a concurrent job once made its interleaved latencies up to 180x slower): time with nothing else running. Metric deltas are in points (x100) against the baseline on the same test "
         "rows; variants were scored on validation first (val metrics are in each report). `—` means "
         "the runtime cannot serve that artifact (each report's notes say why).\n",
         "Timing inputs are the first rows of the validation split (a session looks at nothing of the "
