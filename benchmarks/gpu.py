@@ -172,7 +172,7 @@ def run(folder: Path, out: Path, rounds: int, quick: bool) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("run needs a CUDA device (torch.cuda.is_available() is False)")
     torch.manual_seed(0)
-    lines = ["# GPU: half precision, torch.compile and 2:4 sparsity", "",
+    lines = ["## GPU: half precision, torch.compile and 2:4 sparsity", "",
              f"{hardware.summary()}; torch {torch.__version__}, CUDA {torch.version.cuda}.",
              "Latency is end to end (inputs to the GPU, outputs back); speedups are against float32 eager "
              "PyTorch on the same GPU, timed interleaved, with a paired 95% bootstrap interval. "
@@ -182,7 +182,7 @@ def run(folder: Path, out: Path, rounds: int, quick: bool) -> None:
         model, inputs, labels, meta = load(folder / name)
         limit = 512 if quick else len(labels)
         runners = cases(name, model)
-        lines += [f"## {name} ({meta['dataset']}, {meta['rows']} test rows)", "",
+        lines += [f"### {name} ({meta['dataset']}, {meta['rows']} test rows)", "",
                   f"CPU float32 metric (prepare): {meta['cpu_float32_metric']}. "
                   + (f"Vocabulary: {meta['vocabulary']}." if "vocabulary" in meta else ""), ""]
         scores = {}
@@ -209,7 +209,7 @@ def run(folder: Path, out: Path, rounds: int, quick: bool) -> None:
         lines += rows + ["", f"({time.time() - t0:.0f} s)", ""]
         out.write_text("\n".join(lines))
         print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
-    lines += ["## 2:4 semi-structured kernels alone (torch.utils.benchmark, median)", ""] + sparse_kernels()
+    lines += ["### 2:4 semi-structured kernels alone (torch.utils.benchmark, median)", ""] + sparse_kernels()
     out.write_text("\n".join(lines) + "\n")
 
 

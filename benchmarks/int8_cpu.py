@@ -48,7 +48,7 @@ def main() -> None:
         out = np.concatenate([r((inputs[0][i:i + 256],)) for i in range(0, len(labels), 256)])
         scores[k] = metric("product_image", out, labels)
     features, scheme = detect()
-    lines = ["# Static INT8 (7-bit and 8-bit weights) and bfloat16 on this CPU", "",
+    lines = ["## Static INT8 (7-bit and 8-bit weights) and bfloat16 on this CPU", "",
              f"{hardware.summary()}", "",
              f"Int8 features: {', '.join(features) or 'none'}. slimcart's int8 scheme here: {scheme.level}, "
              f"reduce_range={scheme.reduce_range} ({scheme.reason}).",

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests.gloo import free_port, gloo_worker
 from slimcart.models.deepfm import DeepFMConfig
 from slimcart.parallel import gather_state, plan_tables
 from slimcart.parallel.launch import main as launch_main
@@ -36,32 +35,11 @@ FEW_ROWS = 128  # rows of the short run that checks untouched table rows
 CFG = DeepFMConfig(vocab_sizes=[500] * 3, num_dense=2, embed_dim=4, hidden=[8])  # fits DATASET
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str, job, arg, timeout_s: float) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
-        try:
-            result = job(rank, world, arg)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, Path(out) / f"result-{rank}.pt")
-    except BaseException:
-        (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-
-
 def start(job, world: int, out: Path, arg=None, timeout_s: float = 30) -> list:
     """``world`` spawned processes running ``job(rank, world, arg)`` in a gloo group."""
     out.mkdir(parents=True, exist_ok=True)
     ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, str(out), job, arg, timeout_s), daemon=True)
+    procs = [ctx.Process(target=gloo_worker, args=(r, world, port, str(out), job, arg, timeout_s), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()

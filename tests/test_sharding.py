@@ -4,11 +4,7 @@ ranks, and the errors a user can trigger. Workers save their results (or their t
 files that the test reads, and every process group has a 30 s timeout, so nothing hangs."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from tests.gloo import free_port, gloo_worker
 from slimcart.errors import UsageError
 from slimcart.models.deepfm import DeepFM, DeepFMConfig
 from slimcart.parallel import (ShardingPlan, deepfm_tables, gather_state, load_sharded, plan_tables,
@@ -59,29 +56,12 @@ def make_plans(world: int) -> dict[str, ShardingPlan]:
             "auto": plan_tables(tables, world)}  # the largest table split, the others packed
 
 
-def _worker(rank: int, world: int, port: int, out: str, job, arg) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=30))
-        try:
-            result = job(rank, world, arg)
-        finally:
-            dist.destroy_process_group()
-        torch.save(result, Path(out) / f"result-{rank}.pt")
-    except BaseException:
-        (Path(out) / f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-
-
 def launch(job, world: int, out: Path, arg=None) -> list[dict]:
     """Run ``job(rank, world, arg)`` on ``world`` gloo processes and return what each returned."""
     out.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     try:
-        mp.spawn(_worker, args=(world, port, str(out), job, arg), nprocs=world, join=True)
+        mp.spawn(gloo_worker, args=(world, port, str(out), job, arg), nprocs=world, join=True)
     except Exception as exc:
         errors = "\n".join(p.read_text() for p in sorted(out.glob("error-*.txt")))
         pytest.fail(f"a worker failed:\n{errors or exc}", pytrace=False)

@@ -43,12 +43,18 @@ class DeepFM(nn.Module):
     def forward(self, sparse: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         emb = torch.stack([e(sparse[:, i]) for i, e in enumerate(self.embeddings)], dim=1)
         first = torch.cat([e(sparse[:, i]) for i, e in enumerate(self.linear_embeddings)], 1).sum(1)
-        fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
-        deep_in = emb.flatten(1)
-        if self.dense_linear is not None and dense is not None:
-            first = first + self.dense_linear(dense).squeeze(1)
-            deep_in = torch.cat([deep_in, dense], dim=1)
-        return self.bias + first + fm + self.mlp(deep_in).squeeze(1)
+        return deepfm_head(self, emb, first, dense)
+
+
+def deepfm_head(m: nn.Module, emb: torch.Tensor, first: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
+    """The FM term, the dense features and the MLP over the looked-up rows: ``emb`` [B, F, D],
+    ``first`` [B] (the sum of the first-order rows); ``m`` has ``dense_linear``, ``mlp``, ``bias``."""
+    fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
+    deep_in = emb.flatten(1)
+    if m.dense_linear is not None and dense is not None:
+        first = first + m.dense_linear(dense).squeeze(1)
+        deep_in = torch.cat([deep_in, dense], dim=1)
+    return m.bias + first + fm + m.mlp(deep_in).squeeze(1)
 
 
 @register_model("deepfm", DeepFMConfig)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..models.deepfm import DeepFM, DeepFMConfig
+from ..models.deepfm import DeepFM, DeepFMConfig, deepfm_head
 from .plan import ShardingPlan
 from .sharded import ShardedEmbeddingCollection
 
@@ -73,12 +73,7 @@ class ShardedDeepFM(nn.Module):
         rows = self.tables.lookup({f"{p}.{i}": sparse[:, i] for p in PREFIXES for i in range(f)})
         emb = torch.stack([rows[f"embeddings.{i}"] for i in range(f)], dim=1)
         first = torch.cat([rows[f"linear_embeddings.{i}"] for i in range(f)], 1).sum(1)
-        fm = 0.5 * (emb.sum(1).pow(2) - emb.pow(2).sum(1)).sum(1)
-        deep_in = emb.flatten(1)
-        if self.dense_linear is not None and dense is not None:
-            first = first + self.dense_linear(dense).squeeze(1)
-            deep_in = torch.cat([deep_in, dense], dim=1)
-        return self.bias + first + fm + self.mlp(deep_in).squeeze(1)
+        return deepfm_head(self, emb, first, dense)
 
 
 def shard_deepfm(model: DeepFM, plan: ShardingPlan, group=None) -> ShardedDeepFM:

@@ -332,7 +332,7 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     if not (lr > 0 and table_lr > 0 and weight_decay >= 0):
         raise UsageError(f"Learning rates must be > 0 and weight decay >= 0; got lr={lr}, "
                          f"table_lr={table_lr}, weight_decay={weight_decay}.")
-    (x_train, y_train), (x_val, y_val) = train, val
+    (x_train, y_train), (_, y_val) = train, val
     n = int(y_train.shape[0])
     if n == 0 or int(y_val.shape[0]) == 0:
         raise UsageError(f"Training needs rows in both splits; got {n} train and {int(y_val.shape[0])} "
