@@ -400,7 +400,8 @@ def test_length_groups_are_the_cheapest_split_and_answers_do_not_change(servers,
     assert len(plan_groups(lengths, rows, CallCost(overhead_s=100.0, per_token_s=0.1))) == 1  # calls dear: one
 
     model = ServedModel(servers["intent"][1])
-    assert model.cost is not None and model.cost.per_token_s > 0
+    # measured at start-up; its values are timings (a benchmark's business), so only their form is checked
+    assert model.cost is not None and model.cost.per_token_s >= 0 and model.cost.overhead_s >= 0
     model.cost = CallCost(overhead_s=0.0, per_token_s=1.0)  # every length its own call
     some = texts[1]
     jobs = [model.prepare("application/json", json.dumps({"texts": t}).encode(), 10)

@@ -3,7 +3,7 @@ pad token, and with short and long texts together that is most of the batch (ban
 of ~14 tokens padded to ~55 in a batch of 32). So a collected batch is split, by length, into the
 groups that minimise the modelled time: each model call costs ``overhead + per_token * rows *
 padded_length``. The two constants are measured on the served runner when the server starts
-(two shapes, median of a few calls), so the split follows this machine and runtime: where a call's
+(two shapes, the fastest of a few calls), so the split follows this machine and runtime: where a call's
 fixed cost dominates (eager PyTorch at batch 1) groups stay large, where compute dominates they
 follow the lengths. One group is one model call; answers are unchanged (padding is masked).
 """
@@ -28,7 +28,7 @@ class CallCost:
 
 def measure_cost(run: Callable, ids: torch.Tensor, mask: torch.Tensor, *, short: int = 16,
                  long: int = 64, rows: int = 16, repeats: int = 5) -> CallCost:
-    """Fit ``CallCost`` from the median time of ``run`` on (1 x short) and (rows x long) batches
+    """Fit ``CallCost`` from the fastest time of ``run`` on (1 x short) and (rows x long) batches
     made from one real encoded row (its tokens tiled; the mask all ones)."""
     row = ids[:1][mask[:1].bool()].reshape(1, -1) if mask[:1].any() else ids[:1]
 
@@ -44,7 +44,7 @@ def measure_cost(run: Callable, ids: torch.Tensor, mask: torch.Tensor, *, short:
             t0 = time.perf_counter()
             run(inputs)
             times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return float(np.min(times))  # the least-disturbed call: robust on a shared, loaded machine
 
     t_small, t_big = timed(batch(1, short)), timed(batch(rows, long))
     per_token = max((t_big - t_small) / (rows * long - short), 0.0)
