@@ -1,0 +1,175 @@
+"""Student builders: from the teacher's architecture spec, the spec and module of a smaller model.
+
+- Transformers (``text_classifier``, a Hugging Face BERT / RoBERTa / DistilBERT classifier): k of
+  the teacher's n layers, initialised from the teacher layers named by ``layer_map`` (0-based;
+  default: evenly spaced, ending with the last), with the embeddings and the head copied. Fewer
+  heads or a narrower FFN come from a ``head_prune`` stage after ``distill``.
+- ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
+- ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
+- ``mlp``: other ``hidden`` sizes, trained from scratch.
+
+Each builder returns ``Student(module, spec, layer_pairs, copied)``: ``layer_pairs`` maps a student
+module name to the teacher module whose output it is matched with by the hidden-state loss.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import UsageError
+from ..models import build
+
+TRANSFORMS = ("reshape", "row_pruning", "bn_folded", "embedding_quant", "weight_only", "half",
+              "vocab_pruning")
+
+
+class StudentConfig(BaseModel):
+    """What the student keeps or changes; only the keys of the teacher's family apply."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    layers: int | None = Field(default=None, ge=1, description="transformers: encoder layers kept")
+    layer_map: list[int] | None = Field(default=None, description=(
+        "transformers: the teacher layer (0-based) each student layer starts from"))
+    init: Literal["teacher", "random"] = Field(default="teacher", description=(
+        "transformers: copy the mapped teacher layers, or train the student from scratch"))
+    width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
+    blocks: list[int] | None = Field(default=None, description="CNN: residual blocks per stage")
+    embed_dim: int | None = Field(default=None, ge=1, description="DeepFM: embedding dimension")
+    hidden: list[int] | None = Field(default=None, description="DeepFM / MLP: hidden layer widths")
+
+
+@dataclass
+class Student:
+    module: nn.Module
+    spec: dict[str, Any]
+    layer_pairs: dict[str, str] = field(default_factory=dict)   # student module -> teacher module
+    copied: list[str] = field(default_factory=list)             # what was initialised from the teacher
+    attention: dict[str, str] = field(default_factory=dict)     # student attention prefix -> teacher's
+    heads: tuple[int, int] = (0, 0)                             # (student, teacher) attention heads
+
+
+def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
+    keys = {"transformer": {"layers", "layer_map", "init"}, "cnn": {"width", "blocks"},
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}}[family]
+    given = {k for k in cfg.model_fields_set}
+    wrong = sorted(given - keys)
+    if wrong:
+        raise UsageError(f"distill: student.{wrong[0]} does not apply to a {family} teacher.",
+                         f"A {family} student takes: {', '.join(sorted(keys))}.")
+    return given
+
+
+def make_student(teacher: nn.Module, spec: dict[str, Any], cfg: StudentConfig) -> Student:
+    arch = spec.get("arch")
+    done = [k for k in TRANSFORMS if spec.get(k)]
+    if done:
+        raise UsageError(f"distill: the teacher is already transformed ({', '.join(done)}); a student is "
+                         "built from a plain architecture.",
+                         "Put the distill stage first in the recipe; compress the student afterwards.")
+    if arch == "text_classifier":
+        return _transformer(teacher, spec, cfg, ("config", "encoder"), "num_hidden_layers",
+                            "encoder.encoder.layer", "encoder.encoder.layer.{i}.attention.self")
+    if arch == "hf_sequence_classification":
+        if spec["config"]["model_type"] == "distilbert":
+            return _transformer(teacher, spec, cfg, ("config", "hf_config"), "n_layers",
+                                "model.distilbert.transformer.layer", "model.distilbert.transformer.layer.{i}.attention")
+        base = teacher.model.base_model_prefix
+        return _transformer(teacher, spec, cfg, ("config", "hf_config"), "num_hidden_layers",
+                            f"model.{base}.encoder.layer", f"model.{base}.encoder.layer.{{i}}.attention.self")
+    if arch == "resnet_small":
+        return _cnn(spec, cfg)
+    if arch == "deepfm":
+        return _config_student(spec, cfg, "deepfm")
+    if arch == "mlp":
+        return _config_student(spec, cfg, "mlp")
+    raise UsageError(f"distill: no student builder for the architecture {arch!r}.",
+                     "Students are built for text_classifier, Hugging Face BERT/RoBERTa/DistilBERT, "
+                     "resnet_small, deepfm and mlp teachers.")
+
+
+def default_map(n: int, k: int) -> list[int]:
+    return [round((i + 1) * n / k) - 1 for i in range(k)]
+
+
+def _transformer(teacher, spec, cfg, path, layers_key, layer_prefix, attn) -> Student:
+    _keys_for("transformer", cfg)
+    conf = spec
+    for p in path:
+        conf = conf[p]
+    n = int(conf[layers_key])
+    k = cfg.layers or (len(cfg.layer_map) if cfg.layer_map else None)
+    if k is None:
+        raise UsageError("distill: a transformer student needs student.layers (or student.layer_map).",
+                         f"The teacher has {n} layers; e.g. student: {{layers: 2}}.")
+    if k > n:
+        raise UsageError(f"distill: student.layers is {k} but the teacher has only {n} layers.")
+    layer_map = list(cfg.layer_map) if cfg.layer_map is not None else default_map(n, k)
+    if len(layer_map) != k:
+        raise UsageError(f"distill: student.layer_map has {len(layer_map)} entries for {k} layers.",
+                         "Give one teacher layer per student layer.")
+    bad = [i for i in layer_map if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"distill: student.layer_map names layer {bad[0]}, but the teacher's layers are "
+                         f"0..{n - 1}.", f"e.g. layer_map: {default_map(n, k)}")
+    new = copy.deepcopy(spec)
+    target = new
+    for p in path:
+        target = target[p]
+    target[layers_key] = k
+    student = build(new)
+    copied = []
+    if cfg.init == "teacher":
+        own, src = student.state_dict(), teacher.state_dict()
+        state = {}
+        for key in own:
+            tkey = key
+            if key.startswith(layer_prefix + "."):
+                i, rest = key[len(layer_prefix) + 1:].split(".", 1)
+                tkey = f"{layer_prefix}.{layer_map[int(i)]}.{rest}"
+            state[key] = src[tkey].detach().clone()
+        student.load_state_dict(state, strict=True)
+        copied = [f"{layer_prefix}.{i} <- {layer_prefix}.{j}" for i, j in enumerate(layer_map)]
+        copied.append("embeddings and head")
+    pairs = {f"{layer_prefix}.{i}": f"{layer_prefix}.{j}" for i, j in enumerate(layer_map)}
+    heads = int(conf.get("num_attention_heads", conf.get("n_heads", 1)))
+    last = k - 1
+    attention = {attn.format(i=last): attn.format(i=layer_map[last])}
+    student.slimcart_spec = new
+    return Student(student, new, pairs, copied, attention, (heads, heads))
+
+
+def _cnn(spec, cfg) -> Student:
+    _keys_for("cnn", cfg)
+    new = copy.deepcopy(spec)
+    c = new["config"]
+    widths = [int(w) for w in c.get("widths", [32, 64, 128])]
+    if cfg.width is not None:
+        c["widths"] = [max(1, round(w * cfg.width)) for w in widths]
+    if cfg.blocks is not None:
+        if len(cfg.blocks) != len(widths) or min(cfg.blocks) < 1:
+            raise UsageError(f"distill: student.blocks needs {len(widths)} positive counts (one per stage), "
+                             f"got {cfg.blocks}.")
+        c["blocks"] = list(cfg.blocks)
+    student = build(new)
+    t_blocks = spec["config"].get("blocks", [1] * len(widths))
+    s_blocks = c.get("blocks", t_blocks)
+    # the last block of each stage, in both: the outputs compared by the feature-map loss
+    t_last = [sum(t_blocks[:i + 1]) - 1 for i in range(len(widths))]
+    s_last = [sum(s_blocks[:i + 1]) - 1 for i in range(len(widths))]
+    pairs = {f"layers.{s}": f"layers.{t}" for s, t in zip(s_last, t_last)}
+    return Student(student, new, pairs, [])
+
+
+def _config_student(spec, cfg, family) -> Student:
+    given = _keys_for(family, cfg)
+    new = copy.deepcopy(spec)
+    for key in given:
+        value = getattr(cfg, key)
+        if key == "hidden" and (not value or min(value) < 1):
+            raise UsageError(f"distill: student.hidden must be a list of positive widths, got {value}.")
+        new["config"][key] = list(value) if isinstance(value, list) else value
+    return Student(build(new), new, {}, [])

@@ -1,0 +1,246 @@
+"""``distill``: the current model becomes the teacher of a smaller student, which replaces it.
+
+Loss = alpha * task loss + (1 - alpha) * soft loss (``soft_kl``; ``soft_bce`` for one-logit CTR
+models) + hidden_loss * mean hidden-state MSE over the mapped layers (through a learned linear or
+1x1-conv adapter where the widths differ) + attention_loss * MiniLM relation KL on the last layer
+(attention distributions Q-K and value relation V-V) + ranking_loss * pairwise ranking distillation
+(within the groups of ``group_field``, else within the batch). The teacher's outputs are computed
+once (``teacher.py``); the student trains with the task's optimizer and schedule (``Trainer``).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..errors import ModelError, UsageError
+from ..registry import TORCH, TechniqueConfig, register
+from ..stage import ModelState, StageContext, StageReport
+from ..trainer import Batch, LossTerm, TaskLoss
+from . import losses
+from .students import StudentConfig, make_student
+from .teacher import TeacherOutputs, teacher_outputs
+
+
+class DistillConfig(TechniqueConfig):
+    student: StudentConfig
+    epochs: float = Field(default=3.0, gt=0)
+    lr: float | None = Field(default=None, gt=0, description="None: the task's fine-tuning rate")
+    batch_size: int | None = Field(default=None, ge=1)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the task (hard-label) loss")
+    temperature: float = Field(default=2.0, gt=0.0)
+    hidden_loss: float = Field(default=0.0, ge=0.0)
+    attention_loss: float = Field(default=0.0, ge=0.0)
+    ranking_loss: float = Field(default=0.0, ge=0.0, description="CTR: weight of pairwise ranking distillation")
+    group_field: str | None = Field(default=None, description="CTR: rank pairs within this categorical field's values")
+    soft_loss: Literal["auto", "kl", "bce"] = "auto"
+    freeze_embeddings: bool = Field(default=False, description="transformers: keep the word embeddings fixed")
+    seed: int = 0
+
+
+def _mask(task, batch: Batch) -> Tensor | None:
+    names = list(task.input_names)
+    return batch.inputs[names.index("attention_mask")] if "attention_mask" in names else None
+
+
+class SoftTargets(LossTerm):
+    def __init__(self, cache: TeacherOutputs, temperature: float, kind: str, weight: float):
+        self.cache, self.t, self.kind, self.weight, self.name = cache, temperature, kind, weight, "soft"
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        target = self.cache.logits[batch.index]
+        fn = losses.soft_kl if self.kind == "kl" else losses.soft_bce
+        return fn(batch.outputs, target, self.t)
+
+
+class HiddenStates(LossTerm):
+    """Mean over the layer pairs of the MSE between the student's (adapted) and the teacher's outputs."""
+
+    def __init__(self, task, cache: TeacherOutputs, pairs: dict[str, str], adapters: nn.ModuleDict, weight: float):
+        self.task, self.cache, self.pairs, self.adapters = task, cache, pairs, adapters
+        self.weight, self.name = weight, "hidden"
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        total = 0.0
+        for s, t in self.pairs.items():
+            out = batch.hidden[s]
+            key = adapter_key(s)
+            if key in self.adapters:
+                out = self.adapters[key](out)
+            target = self.cache.hidden[t][batch.index]
+            if target.dim() == 3:
+                target = target[:, :out.shape[1]]
+            total = total + losses.hidden_mse(out, target, _mask(self.task, batch) if out.dim() == 3 else None)
+        return total / len(self.pairs)
+
+
+class Relations(LossTerm):
+    def __init__(self, task, cache: TeacherOutputs, student: str, teacher: str, heads: int, weight: float):
+        self.task, self.cache, self.s, self.t, self.heads = task, cache, student, teacher, heads
+        self.weight, self.name = weight, "attention"
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        q, k, v = (batch.hidden[f"{self.s}.{n}"] for n in ("query", "key", "value"))
+        length = q.shape[1]
+        tq, tk, tv = (self.cache.hidden[f"{self.t}.{n}"][batch.index][:, :length] for n in ("query", "key", "value"))
+        mask = _mask(self.task, batch)
+        return (losses.relation_kl((q, k), (tq, tk), self.heads, mask)
+                + losses.relation_kl((v, v), (tv, tv), self.heads, mask))
+
+
+class Ranking(LossTerm):
+    def __init__(self, cache: TeacherOutputs, temperature: float, field_index: int | None, weight: float):
+        self.cache, self.t, self.field, self.weight, self.name = cache, temperature, field_index, weight, "ranking"
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        groups = None if self.field is None else batch.inputs[0][:, self.field]
+        return losses.pairwise_rank(batch.outputs, self.cache.logits[batch.index], groups, self.t)
+
+
+def adapter_key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+def _adapters(student: nn.Module, teacher: nn.Module, pairs: dict[str, str], example) -> nn.ModuleDict:
+    """A learned adapter for each pair whose widths differ: Linear on the last dim, 1x1 Conv on channels."""
+    got: dict[str, Tensor] = {}
+
+    def grab(model, names, prefix):
+        mods = dict(model.named_modules())
+        return [mods[n].register_forward_hook(lambda _m, _a, o, n=n: got.__setitem__(prefix + n, o if isinstance(o, Tensor) else o[0]))
+                for n in names]
+
+    hooks = grab(student, list(pairs), "s:") + grab(teacher, list(pairs.values()), "t:")
+    with torch.no_grad():
+        student.eval()(*example)
+        teacher.eval()(*example)
+    for h in hooks:
+        h.remove()
+    adapters = nn.ModuleDict()
+    for s, t in pairs.items():
+        a, b = got["s:" + s], got["t:" + t]
+        if a.shape == b.shape:
+            continue
+        if a.dim() == 4 and a.shape[2:] == b.shape[2:]:
+            adapters[adapter_key(s)] = nn.Conv2d(a.shape[1], b.shape[1], 1, bias=False)
+        elif a.dim() == 3 and a.shape[:2] == b.shape[:2]:
+            adapters[adapter_key(s)] = nn.Linear(a.shape[-1], b.shape[-1], bias=False)
+        else:
+            raise ModelError(f"distill: the student's {s} gives {tuple(a.shape)} and the teacher's {t} gives "
+                             f"{tuple(b.shape)}; no adapter maps one onto the other.",
+                             "Set hidden_loss: 0, or a student whose layers keep the teacher's spatial size.")
+    return adapters
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register("distill", DistillConfig, accepts=(TORCH,),
+          summary="Knowledge distillation into a smaller student (layers, width, embedding dim)")
+def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageReport:
+    report = StageReport("distill", cfg.model_dump())
+    task = ctx.task
+    if task is None:
+        raise UsageError("distill needs a task: the student trains on its data.")
+    teacher = state.torch_model.eval()
+    built = make_student(teacher, state.spec, cfg.student)
+    student = built.module
+    example = task.example_inputs(4, "val")
+    with torch.no_grad():
+        t_out, s_out = teacher(*example), student.eval()(*example)
+    if t_out.shape != s_out.shape:
+        raise ModelError(f"distill: the teacher predicts {tuple(t_out.shape[1:])} outputs per row and the "
+                         f"student {tuple(s_out.shape[1:])}; they must predict the same classes.")
+    kind = cfg.soft_loss if cfg.soft_loss != "auto" else ("bce" if t_out.dim() == 1 or t_out.shape[-1] == 1 else "kl")
+    field_index = None
+    if cfg.group_field is not None:
+        fields = list(task.info.get("categorical", []))
+        if cfg.group_field not in fields:
+            raise UsageError(f"distill: group_field {cfg.group_field!r} is not a categorical field of this task.",
+                             f"Fields: {', '.join(fields) or 'none'}.")
+        field_index = fields.index(cfg.group_field)
+    if (cfg.ranking_loss > 0 or cfg.group_field) and kind != "bce":
+        raise UsageError("distill: ranking_loss and group_field are for one-logit (CTR) models.")
+
+    names, capture, pairs = [], [], {}
+    if cfg.hidden_loss > 0:
+        if not built.layer_pairs:
+            raise UsageError("distill: hidden_loss needs layer pairs, which this student family has none of.",
+                             "Set hidden_loss: 0.")
+        pairs = built.layer_pairs
+        names += list(pairs.values())
+        capture += list(pairs)
+    if cfg.attention_loss > 0:
+        if not built.attention:
+            raise UsageError("distill: attention_loss is for transformer students.", "Set attention_loss: 0.")
+        (s_attn, t_attn), = built.attention.items()
+        qkv = ("query", "key", "value")
+        mods = dict(student.named_modules())
+        if not all(f"{s_attn}.{n}" in mods for n in qkv):
+            raise UsageError(f"distill: attention_loss needs the query/key/value layers of {s_attn}, "
+                             "which this model does not have (DistilBERT names them differently).",
+                             "Set attention_loss: 0.")
+        names += [f"{t_attn}.{n}" for n in qkv]
+        capture += [f"{s_attn}.{n}" for n in qkv]
+    cache = teacher_outputs(teacher, task, names)
+
+    terms: list[LossTerm] = []
+    if cfg.alpha > 0:
+        terms.append(TaskLoss(task, weight=cfg.alpha))
+    if cfg.alpha < 1:
+        terms.append(SoftTargets(cache, cfg.temperature, kind, 1.0 - cfg.alpha))
+    adapters = _adapters(student, teacher, pairs, example) if pairs else nn.ModuleDict()
+    if pairs:
+        terms.append(HiddenStates(task, cache, pairs, adapters, cfg.hidden_loss))
+    if cfg.attention_loss > 0:
+        terms.append(Relations(task, cache, s_attn, t_attn, built.heads[0], cfg.attention_loss))
+    if cfg.ranking_loss > 0:
+        terms.append(Ranking(cache, cfg.temperature, field_index, cfg.ranking_loss))
+    if not terms:
+        raise UsageError("distill: every loss weight is 0.", "Give alpha < 1 or a positive hidden_loss.")
+
+    frozen = []
+    if cfg.freeze_embeddings:
+        for n, p in student.named_parameters():
+            if "word_embeddings" in n:
+                p.requires_grad_(False)
+                frozen.append(n)
+        if not frozen:
+            raise UsageError("distill: freeze_embeddings is for models with word embeddings; this one has none.")
+    report.stats["teacher_val"] = task.evaluate(teacher, "val")
+    report.stats["student_val_before"] = task.evaluate(student, "val")
+    base = task.train_config("full")
+    update = {"epochs": cfg.epochs, "seed": cfg.seed}
+    if cfg.lr is not None:
+        update["lr"] = cfg.lr
+    if cfg.batch_size is not None:
+        update["batch_size"] = cfg.batch_size
+    student.distill_adapters = adapters  # trained with the student, removed before it is saved
+    try:
+        rec = task.train_model(student, base.model_copy(update=update), terms=terms, capture=capture,
+                               progress=ctx.progress, desc="distill")
+    finally:
+        del student.distill_adapters
+        for p in student.parameters():
+            p.requires_grad_(True)
+    student.eval()
+    before, after = _params(teacher), _params(student)
+    report.changed["model"] = f"student: {before:,} -> {after:,} parameters"
+    for line in built.copied:
+        report.changed[line.split(" <- ")[0]] = f"initialised from the teacher's {line.split(' <- ')[-1]}"
+    for n in frozen:
+        report.skipped[n] = "kept fixed during distillation (freeze_embeddings)"
+    report.stats.update(
+        params_teacher=before, params_student=after, param_reduction=round(1 - after / before, 4),
+        teacher_cache_s=round(cache.seconds, 1), soft_loss=kind,
+        terms={t.name: t.weight for t in terms}, layer_pairs=pairs,
+        train={k: rec[k] for k in ("steps", "epochs", "seconds", "final_loss", "terms")},
+        student_val=rec["val"])
+    m = task.primary_metric
+    report.notes.append(f"distilled into a student with {after / before:.1%} of the teacher's parameters; "
+                        f"validation {m} {report.stats['teacher_val'][m]:.4f} (teacher) -> {rec['val'][m]:.4f}")
+    state.torch_model, state.spec = student, built.spec
+    return report

@@ -1,0 +1,224 @@
+"""Distillation: each loss against hand-computed values, the student builders, the teacher cache,
+the bad-input errors, and the stage end to end on tiny models (a student that learns its teacher)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from slimcart import artifact
+from slimcart.distill import losses
+from slimcart.distill.students import StudentConfig, default_map, make_student
+from slimcart.distill.teacher import teacher_outputs
+from slimcart.distill.technique import DistillConfig, distill
+from slimcart.errors import ModelError, UsageError
+from slimcart.models import build
+from slimcart.recipe import Recipe
+from slimcart.stage import ModelState, StageContext
+from slimcart.tasks.base import Split
+from slimcart.tasks.ctr import CTRTask
+from slimcart.tasks.intent import IntentTask
+from tests.tiny import TINY, tiny, tiny_inputs
+
+TEXT3 = {"arch": "text_classifier", "config": {"num_labels": 3, "encoder": {
+    **TINY["text"]["config"]["encoder"], "num_hidden_layers": 3}}}
+
+
+# ---- losses -------------------------------------------------------------------------------
+def test_soft_kl_matches_hand_computed_values():
+    s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    kl1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert losses.soft_kl(s, t, 1.0).item() == pytest.approx(kl1, rel=1e-6)
+    p = math.sqrt(3) / (math.sqrt(3) + 1)  # softmax([ln3 / 2, 0])
+    kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    assert losses.soft_kl(s, t, 2.0).item() == pytest.approx(4 * kl2, rel=1e-6)
+    assert losses.soft_kl(t, t, 3.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_soft_bce_and_pairwise_rank_match_hand_computed_values():
+    assert losses.soft_bce(torch.tensor([0.0]), torch.tensor([0.0]), 1.0).item() == pytest.approx(math.log(2))
+    y, sig = 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(-1))
+    bce = -(y * math.log(sig) + (1 - y) * math.log(1 - sig))
+    s, t = torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0])
+    assert losses.pairwise_rank(s, t, None, 1.0).item() == pytest.approx(bce, rel=1e-6)
+    assert losses.pairwise_rank(s, t, torch.tensor([0, 1]), 1.0).item() == 0.0  # no pair shares a group
+    # three rows, two groups: only the pair (0, 2) counts
+    s3, t3 = torch.tensor([1.0, 5.0, 0.0]), torch.tensor([2.0, -3.0, 0.0])
+    assert losses.pairwise_rank(s3, t3, torch.tensor([7, 8, 7]), 1.0).item() == pytest.approx(bce, rel=1e-6)
+
+
+def test_hidden_mse_counts_only_valid_positions():
+    s, t = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
+    assert losses.hidden_mse(s, t, torch.tensor([[1, 1, 0]])).item() == pytest.approx((1 + 1 + 4 + 4) / 4)
+    assert losses.hidden_mse(s, t).item() == pytest.approx((2 + 8 + 162) / 6)
+
+
+def test_relation_kl_matches_hand_computed_values():
+    a, zero = torch.tensor([[[1.0], [0.0]]]), torch.zeros(1, 2, 1)
+    # student rows: softmax([1, 0]) and softmax([0, 0]); teacher rows: uniform
+    q = 1 / (1 + math.exp(-1))
+    row0 = 0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
+    assert losses.relation_kl((a, a), (zero, zero), 1).item() == pytest.approx(row0 / 2, rel=1e-6)
+    # with the second position masked out: one valid key per row, so both relations are [1]
+    assert losses.relation_kl((a, a), (zero, zero), 1, torch.tensor([[1, 0]])).item() == pytest.approx(0, abs=1e-7)
+    x = torch.randn(2, 5, 8)
+    assert losses.relation_kl((x, x), (x, x), 4).item() == pytest.approx(0, abs=1e-6)
+    with pytest.raises(ValueError, match="relation heads 3"):
+        losses.relation_kl((x, x), (x, x), 3)
+
+
+# ---- students -----------------------------------------------------------------------------
+def test_transformer_student_copies_the_mapped_layers():
+    torch.manual_seed(0)
+    teacher = build(TEXT3).eval()
+    st = make_student(teacher, TEXT3, StudentConfig(layers=2, layer_map=[0, 2]))
+    assert st.spec["config"]["encoder"]["num_hidden_layers"] == 2
+    assert len(st.module.encoder.encoder.layer) == 2
+    ts, ss = teacher.state_dict(), st.module.state_dict()
+    for k, v in ss.items():
+        src = k.replace("layer.1.", "layer.2.") if ".layer.1." in k else k
+        assert torch.equal(v, ts[src]), k
+    assert st.layer_pairs == {"encoder.encoder.layer.0": "encoder.encoder.layer.0",
+                              "encoder.encoder.layer.1": "encoder.encoder.layer.2"}
+    again = build(st.spec)
+    again.load_state_dict(ss, strict=True)  # the spec rebuilds the student
+    assert default_map(6, 2) == [2, 5] and default_map(6, 3) == [1, 3, 5] and default_map(6, 1) == [5]
+
+
+def test_cnn_and_deepfm_students_have_the_asked_shapes():
+    cnn = make_student(tiny("cnn"), TINY["cnn"], StudentConfig(width=0.5, blocks=[1, 2, 1]))
+    assert cnn.spec["config"]["widths"] == [2, 4, 4] and cnn.spec["config"]["blocks"] == [1, 2, 1]
+    assert cnn.module.fc.in_features == 4 and len(cnn.module.layers) == 4
+    assert cnn.layer_pairs == {"layers.0": "layers.0", "layers.2": "layers.1", "layers.3": "layers.2"}
+    fm = make_student(tiny("deepfm"), TINY["deepfm"], StudentConfig(embed_dim=2, hidden=[8]))
+    assert fm.module.embeddings[0].embedding_dim == 2
+    assert [m.out_features for m in fm.module.mlp if isinstance(m, torch.nn.Linear)] == [8, 1]
+    assert fm.module(*tiny_inputs("deepfm", 5)).shape == (5,)
+
+
+def test_student_errors_name_the_key():
+    teacher = build(TEXT3)
+    with pytest.raises(UsageError, match=r"student.layer_map names layer 5.*0\.\.2"):
+        make_student(teacher, TEXT3, StudentConfig(layers=2, layer_map=[0, 5]))
+    with pytest.raises(UsageError, match="student.layers is 4 but the teacher has only 3"):
+        make_student(teacher, TEXT3, StudentConfig(layers=4))
+    with pytest.raises(UsageError, match="student.width does not apply to a transformer"):
+        make_student(teacher, TEXT3, StudentConfig(layers=1, width=0.5))
+    with pytest.raises(UsageError, match="needs student.layers"):
+        make_student(teacher, TEXT3, StudentConfig())
+    with pytest.raises(UsageError, match="already transformed"):
+        make_student(teacher, {**TEXT3, "reshape": {"x": 1}}, StudentConfig(layers=1))
+
+
+@pytest.mark.parametrize("cfg, key", [({"temperature": 0}, "temperature"), ({"alpha": 1.5}, "alpha"),
+                                      ({"alpha": -0.1}, "alpha"), ({"epochs": 0}, "epochs")])
+def test_config_errors_name_the_key(cfg, key):
+    with pytest.raises(ValidationError, match=key):
+        DistillConfig(student={"layers": 1}, **cfg)
+    from slimcart.errors import RecipeError
+    with pytest.raises(RecipeError, match=f"stages.0.*{key}"):
+        Recipe.from_dict({"version": 1, "stages": [{"type": "distill", "student": {"layers": 1}, **cfg}]})
+
+
+# ---- the stage on a tiny task ----------------------------------------------------------------
+def text_task(n=400, seed=0):
+    """A task whose label is which of three token ranges is most frequent in the text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 100, (n, 12), generator=g)
+    lengths = torch.randint(6, 13, (n,), generator=g)
+    mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    y = torch.stack([((ids >= lo) & (ids < lo + 32) & mask.bool()).sum(1) for lo in (4, 36, 68)], 1).argmax(1)
+    full = Split((ids, mask), y)
+    parts = torch.arange(n)
+    splits = {"train": full.take(parts[:300]), "val": full.take(parts[300:350]), "test": full.take(parts[350:])}
+    return IntentTask(dataset="tiny", splits=splits, info={"num_classes": 3, "classes": ["a", "b", "c"]})
+
+
+@pytest.fixture(scope="module")
+def trained_teacher():
+    task = text_task()
+    torch.manual_seed(0)
+    teacher = build(TEXT3)
+    task.train_model(teacher, task.train_config("full").model_copy(update={"epochs": 8, "lr": 3e-3}),
+                     progress=False)
+    return task, teacher.eval()
+
+
+def predictions(model, task, split="test"):
+    with torch.no_grad():
+        return model.eval()(*task.splits[split].inputs).argmax(1)
+
+
+def test_distilled_student_learns_the_teacher(trained_teacher, tmp_path):
+    task, teacher = trained_teacher
+    assert task.evaluate(teacher, "test")["accuracy"] > 0.7  # the teacher has learned the rule
+    state = ModelState.from_module(teacher, TEXT3)
+    cfg = DistillConfig(student={"layers": 1}, epochs=6, lr=3e-3, alpha=0.2, temperature=2.0,
+                        hidden_loss=1.0, attention_loss=0.5)
+    report = distill(state, cfg, StageContext(task=task, workdir=tmp_path, progress=False))
+    student = state.torch_model
+    assert state.spec["config"]["encoder"]["num_hidden_layers"] == 1
+    assert not hasattr(student, "distill_adapters")
+    assert set(report.stats["terms"]) == {"task", "soft", "hidden", "attention"}
+    assert report.stats["params_student"] < report.stats["params_teacher"]
+    agree_after = (predictions(student, task) == predictions(teacher, task)).float().mean().item()
+    assert agree_after >= 0.8
+    assert report.stats["student_val"]["accuracy"] >= report.stats["student_val_before"]["accuracy"]
+    # the saved student reloads from its spec, strictly
+    folder = artifact.save(state, tmp_path / "student", task={"name": "intent"},
+                           examples=task.example_inputs(2, "val"), input_names=task.input_names)
+    again = artifact.load(folder).torch_model
+    x = task.example_inputs(4, "test")
+    torch.testing.assert_close(again(*x), student(*x))
+
+
+def test_teacher_outputs_are_computed_once(trained_teacher):
+    task, teacher = trained_teacher
+    a = teacher_outputs(teacher, task, ["encoder.encoder.layer.2"])
+    b = teacher_outputs(teacher, task, ["encoder.encoder.layer.2"])
+    assert a is b and a.hidden["encoder.encoder.layer.2"].shape == (300, 12, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a.logits[:5], teacher(*(t[:5] for t in task.splits["train"].inputs)))
+
+
+def test_distill_refuses_a_student_of_other_classes(trained_teacher, tmp_path, monkeypatch):
+    task, teacher = trained_teacher
+    from slimcart.distill import technique
+    from slimcart.distill.students import Student
+
+    wrong = {"arch": "text_classifier", "config": {**TEXT3["config"], "num_labels": 5}}
+    monkeypatch.setattr(technique, "make_student", lambda *a: Student(build(wrong), wrong))
+    with pytest.raises(ModelError, match=r"teacher predicts \(3,\) outputs per row and the student \(5,\)"):
+        distill(ModelState.from_module(teacher, TEXT3), DistillConfig(student={"layers": 1}),
+                StageContext(task=task, workdir=tmp_path, progress=False))
+
+
+def ctr_task(n=600):
+    g = np.random.default_rng(0)
+    sparse = np.stack([g.integers(0, v, n) for v in (50, 7, 300)], 1)
+    dense = g.normal(size=(n, 2))
+    y = (g.random(n) < 1 / (1 + np.exp(-(sparse[:, 1] - 3) * 2.0))).astype(np.float32)
+    info = {"dense": ["d0", "d1"], "vocab_sizes": [50, 7, 300], "categorical": ["user", "cat", "item"]}
+    return CTRTask._from_arrays("t", sparse, dense, y, (np.arange(400), np.arange(400, 500), np.arange(500, 600)), info)
+
+
+def test_ctr_student_with_pairwise_ranking(tmp_path):
+    task = ctr_task()
+    torch.manual_seed(0)
+    teacher = build(TINY["deepfm"])
+    task.train_model(teacher, task.train_config("full").model_copy(update={"epochs": 5, "batch_size": 32, "lr": 0.01}),
+                     progress=False)
+    state = ModelState.from_module(teacher.eval(), TINY["deepfm"])
+    cfg = DistillConfig(student={"embed_dim": 1, "hidden": [8]}, epochs=5, batch_size=32, lr=0.01, alpha=0.5, ranking_loss=1.0,
+                        group_field="user")
+    report = distill(state, cfg, StageContext(task=task, workdir=tmp_path, progress=False))
+    assert report.stats["soft_loss"] == "bce" and set(report.stats["terms"]) == {"task", "soft", "ranking"}
+    assert state.spec["config"]["embed_dim"] == 1
+    assert report.stats["teacher_val"]["auc"] > 0.8
+    assert report.stats["student_val"]["auc"] > report.stats["teacher_val"]["auc"] - 0.05
+    with pytest.raises(UsageError, match="group_field 'shop' is not a categorical field"):
+        distill(ModelState.from_module(teacher, TINY["deepfm"]),
+                DistillConfig(student={"embed_dim": 2}, group_field="shop"),
+                StageContext(task=task, workdir=tmp_path, progress=False))
