@@ -126,6 +126,11 @@ def ort_transformer_optimize(state: ModelState, cfg: OrtTransformerOptimizeConfi
     if not fused.get("Attention") and not fused.get("MultiHeadAttention"):
         report.skipped["<attention>"] = "no Attention fusion happened: attention runs as separate MatMul/Softmax ops"
         report.notes.append("no Attention fusion happened")
+    if not fused.get("EmbedLayerNormalization") and state.spec.get("vocab_pruning"):
+        report.skipped["<embeddings>"] = (
+            "no EmbedLayerNormalization fusion: the vocabulary-pruned word embeddings are two lookups "
+            "(id map, then compact table), which the optimizer does not match; the embedding lookups, "
+            "their sum and LayerNorm run as separate ops")
     report.stats.update(fused_operators=fused, num_heads=heads, hidden_size=hidden, sizes_from=where,
                         optimized_for="CPUExecutionProvider", nodes_before=sum(op_counts(src).values()),
                         nodes_after=len(model.graph.node))

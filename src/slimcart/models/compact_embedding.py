@@ -21,7 +21,9 @@ occurs in training, so its row is still at its random initialisation.
 
 A saved model's spec carries ``"row_pruning": {"fields": [{"field", "num_ids", "kept_rows",
 "shared_linear"}, ...]}``; ``apply_row_pruning`` rebuilds the compact tables from it, so the
-saved state dict loads strictly.
+saved state dict loads strictly. A text model's vocabulary-pruned word-embedding table
+(prune/vocab.py) is one such table at a module path: ``"vocab_pruning": {"module", "num_ids",
+"kept_rows"}``, rebuilt by ``apply_vocab_pruning``.
 """
 from __future__ import annotations
 
@@ -82,14 +84,17 @@ def id_map_for(num_ids: int, keep_ids: np.ndarray) -> torch.Tensor:
 
 
 def compact_weight(weight: torch.Tensor, id_map: torch.Tensor,
-                   counts: np.ndarray | None = None) -> torch.Tensor:
-    """The compact table for ``weight`` under ``id_map`` (fallback row: see module doc)."""
+                   counts: np.ndarray | None = None, fallback: torch.Tensor | None = None) -> torch.Tensor:
+    """The compact table for ``weight`` under ``id_map``; row 0 is ``fallback`` when given,
+    else the mean of the dropped rows (see module doc)."""
     weight = weight.detach()
     kept = id_map > 0
     out = weight.new_zeros(int(kept.sum()) + 1, weight.shape[1])
     out[id_map[kept].long()] = weight[kept]
     dropped = weight[~kept]
-    if dropped.shape[0]:
+    if fallback is not None:
+        out[0] = fallback.detach().to(weight.dtype)
+    elif dropped.shape[0]:
         w = None if counts is None else torch.as_tensor(counts, dtype=torch.float64)[~kept]
         if w is None or float(w.sum()) == 0.0:
             w = torch.ones(dropped.shape[0], dtype=torch.float64)
@@ -110,17 +115,24 @@ def shares_map(lin: nn.Module | None, num_ids: int) -> bool:
     return isinstance(lin, nn.Embedding) and lin.num_embeddings == num_ids
 
 
+def compact_table(emb: nn.Embedding, keep_ids: np.ndarray, counts: np.ndarray | None = None,
+                  fallback: torch.Tensor | None = None) -> CompactEmbedding:
+    """A CompactEmbedding keeping ``keep_ids`` of ``emb`` (their rows copied as they are)."""
+    id_map = id_map_for(emb.num_embeddings, keep_ids)
+    new = CompactEmbedding(emb.num_embeddings, int((id_map > 0).sum()), emb.embedding_dim)
+    with torch.no_grad():
+        new.id_map.copy_(id_map)
+        new.weight.copy_(compact_weight(emb.weight, id_map, counts, fallback))
+    return new.to(device=emb.weight.device, dtype=emb.weight.dtype)
+
+
 def compact_field(model: nn.Module, field: int, keep_ids: np.ndarray,
                   counts: np.ndarray | None = None) -> dict[str, Any]:
     """Replace field ``field``'s tables by compact ones keeping ``keep_ids``; return its record."""
     emb, lin = field_tables(model, field)
-    id_map = id_map_for(emb.num_embeddings, keep_ids)
-    kept = int((id_map > 0).sum())
-    new = CompactEmbedding(emb.num_embeddings, kept, emb.embedding_dim)
-    with torch.no_grad():
-        new.id_map.copy_(id_map)
-        new.weight.copy_(compact_weight(emb.weight, id_map, counts))
-    model.embeddings[field] = new.to(emb.weight.device)
+    new = compact_table(emb, keep_ids, counts)
+    id_map, kept = new.id_map, new.kept_rows
+    model.embeddings[field] = new
     shared = shares_map(lin, emb.num_embeddings)
     if shared:
         new_lin = CompactEmbedding(lin.num_embeddings, kept, lin.embedding_dim, map_from=new)
@@ -149,6 +161,26 @@ def apply_row_pruning(model: nn.Module, record: dict[str, Any]) -> nn.Module:
                 raise ModelError(f"row_pruning field {i}: the first-order table does not match.")
             model.linear_embeddings[i] = CompactEmbedding(
                 entry["num_ids"], int(entry["kept_rows"]), lin.embedding_dim, map_from=new)
+    return model
+
+
+def apply_vocab_pruning(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+    """Give a freshly built text model the compact word-embedding table of ``record``."""
+    try:
+        name, num_ids, kept = record["module"], int(record["num_ids"]), int(record["kept_rows"])
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = parent.get_submodule(child)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ModelError(f"vocab_pruning: the saved record {record!r} does not fit this model "
+                         f"({type(exc).__name__}: {exc}).") from None
+    if not isinstance(old, nn.Embedding) or old.num_embeddings != num_ids:
+        raise ModelError(f"vocab_pruning: expected an nn.Embedding of {num_ids} ids at {name}, "
+                         f"found {old}.")
+    try:
+        parent._modules[child] = CompactEmbedding(num_ids, kept, old.weight.shape[1])
+    except ValueError as exc:
+        raise ModelError(f"vocab_pruning: the saved record is invalid: {exc}") from None
     return model
 
 

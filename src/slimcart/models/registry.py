@@ -80,6 +80,11 @@ def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.
         from .compact_embedding import apply_row_pruning
 
         apply_row_pruning(model, model_spec["row_pruning"])
+    if model_spec.get("vocab_pruning"):
+        # a text model's word-embedding table cut to the task's tokens (before embedding_quant)
+        from .compact_embedding import apply_vocab_pruning
+
+        apply_vocab_pruning(model, model_spec["vocab_pruning"])
     if model_spec.get("bn_folded"):
         # BatchNorm folded into the Conv/Linear before it: the layer gets a bias, the BN goes
         from .fold import apply_folding

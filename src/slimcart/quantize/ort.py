@@ -12,6 +12,7 @@ from ..errors import ModelError
 from ..registry import ONNX, TechniqueConfig, register
 from ..stage import ModelState, StageContext, StageReport
 
+_INTEGER = (onnx.TensorProto.INT32, onnx.TensorProto.INT64)
 SUPPORTED = ("MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "EmbedLayerNormalization")
 
 
@@ -60,6 +61,8 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
         raise ModelError(f"ONNX Runtime's dynamic quantizer failed on {src.name}: {exc}") from None
     src_graph = onnx.load(str(src)).graph
     before = {n.name: n.op_type for n in src_graph.node}
+    integer = {t.name for t in src_graph.initializer if t.data_type in _INTEGER}
+    int_tables = {n.name for n in src_graph.node if n.op_type == "Gather" and n.input[0] in integer}
     already = _quantized_nodes(src_graph)   # e.g. a Gather over a table an earlier stage packed
     after = onnx.load(str(out)).graph
     quantized = _quantized_nodes(after) - already
@@ -69,6 +72,8 @@ def ort_int8_dynamic(state: ModelState, cfg: OrtInt8DynamicConfig, ctx: StageCon
                 report.skipped[name] = f"{op}: already reads integer weights (quantized by an earlier stage)"
             elif name in quantized:
                 report.changed[name] = f"{op} -> int8 weights"
+            elif name in int_tables:
+                report.skipped[name] = f"{op}: reads an integer table (e.g. an id map): nothing to quantize"
             else:
                 report.skipped[name] = f"{op}: left in float by the quantizer (no constant weight input)"
     counts = collections.Counter(n.op_type for n in after.node)
