@@ -46,6 +46,7 @@ bench: install fashion-mnist
 	$(PY) benchmarks/weight_only.py
 	$(PY) benchmarks/embedding_quant.py
 	$(PY) benchmarks/deep_compression.py
+	$(PY) benchmarks/distill_intent.py
 	$(PY) benchmarks/assemble.py
 
 clean:
