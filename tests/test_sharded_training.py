@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.gloo import free_port, gloo_worker
+from tests.gloo import finish, free_port, start
 from slimcart.models.deepfm import DeepFMConfig
 from slimcart.parallel import gather_state, plan_tables
 from slimcart.parallel.launch import main as launch_main
@@ -33,34 +32,6 @@ TRAIN = dict(epochs=1, batch_size=64, lr=0.01, table_lr=0.05, seed=0, log=None)
 AUC_TOL = 0.02  # asked for; the runs below agree to ~1e-6 (only float summation order differs)
 FEW_ROWS = 128  # rows of the short run that checks untouched table rows
 CFG = DeepFMConfig(vocab_sizes=[500] * 3, num_dense=2, embed_dim=4, hidden=[8])  # fits DATASET
-
-
-def start(job, world: int, out: Path, arg=None, timeout_s: float = 30) -> list:
-    """``world`` spawned processes running ``job(rank, world, arg)`` in a gloo group."""
-    out.mkdir(parents=True, exist_ok=True)
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=gloo_worker, args=(r, world, port, str(out), job, arg, timeout_s), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    return procs
-
-
-def finish(procs: list, out: Path, deadline: float) -> list:
-    """Wait (until ``deadline``, a time.monotonic() value) and return what every rank returned."""
-    try:
-        for p in procs:
-            p.join(max(0.0, deadline - time.monotonic()))
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("error-*.txt")))
-        alive = [r for r, p in enumerate(procs) if p.is_alive()]
-        if errors or alive:
-            pytest.fail(f"ranks still running: {alive}\n{errors}", pytrace=False)
-        return [torch.load(out / f"result-{r}.pt", weights_only=True) for r in range(len(procs))]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
 
 
 def tiny_data(world: int):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,7 @@ Seed = typer.Option(0, "--seed", help="Seed for splits and training.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace OUT if it exists.")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
 CHECKPOINT_EVERY = 200  # optimizer steps between training checkpoints
+GROUP_TIMEOUT_S = 1800.0  # how long a rank of `torchrun ... -m slimcart train` waits for the others
 
 
 def _csv(value: Optional[str]) -> Optional[list[str]]:
@@ -139,9 +141,13 @@ def train(task: str = typer.Option(..., "--task", help="intent, product_image or
           data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
           label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
           dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
-    """Train a task's baseline (seeded) and save it as safetensors + a JSON spec.
+    """Train a task's baseline (seeded) and save it as safetensors + a JSON spec. Started by
+    torchrun, it trains data-parallel over the ranks (gloo on CPU; the global batch is split) and
+    rank 0 saves the model.
 
     Example: slimcart train --task product_image --dataset fashion-mnist --out runs/cnn
+
+    Example: torchrun --nproc-per-node 2 -m slimcart train --task ctr --dataset womens-reviews --out runs/ctr
     """
     from .training import save_trained
     from .output import check_output
@@ -154,14 +160,43 @@ def train(task: str = typer.Option(..., "--task", help="intent, product_image or
     t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
     # an interrupted run resumes from here (same command); removed once the model is saved
     ckpt = out_dir.parent / f".{out_dir.name}.checkpoint"
-    model = t.train_baseline(budget, seed=seed, progress=not quiet, checkpoint_dir=ckpt,
-                             checkpoint_every=CHECKPOINT_EVERY)
+    with _process_group() as rank:
+        model = t.train_baseline(budget, seed=seed, progress=not quiet and rank == 0, checkpoint_dir=ckpt,
+                                 checkpoint_every=CHECKPOINT_EVERY)
+    if rank:
+        return
     save_trained(model, t, out_dir, overwrite)
     shutil.rmtree(ckpt, ignore_errors=True)
     rec = model.slimcart_training
     resumed = f", resumed at step {rec['resumed_from_step']}" if rec.get("resumed_from_step") else ""
     out.print(f"saved {out_dir}  test: " + ", ".join(f"{k}={v:.4f}" for k, v in rec["test"].items())
               + f"  ({rec['seconds']} s, {rec['epochs']} epochs{resumed})")
+
+
+@contextmanager
+def _process_group():
+    """Under torchrun (WORLD_SIZE > 1), join the gloo group from the environment for the block and
+    yield this rank; else yield 0."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        yield 0
+        return
+    import torch.distributed as dist
+
+    from .parallel.launch import init_group
+    from .parallel.train import peer_failure
+
+    rank = int(os.environ.get("RANK", "0") or 0)
+    try:
+        init_group("cpu", GROUP_TIMEOUT_S)
+        yield dist.get_rank()
+    except Exception as exc:
+        failure = peer_failure(exc, rank, GROUP_TIMEOUT_S)
+        if failure is None:
+            raise
+        raise failure from exc
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @app.command()
@@ -345,7 +380,8 @@ def main() -> None:
     try:
         app()
     except SlimcartError as exc:
-        err.print(f"error: {exc.message}", markup=False, highlight=False)
+        tag = f"[rank {os.environ.get('RANK', 0)}] " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
+        err.print(f"{tag}error: {exc.message}", markup=False, highlight=False)
         if exc.hint:
             err.print(exc.hint, markup=False, highlight=False)
         sys.exit(exc.exit_code)

@@ -4,6 +4,15 @@ hidden outputs captured by forward hooks, and resumable checkpoints (safetensors
 With the defaults (the task's own loss, no callbacks) it is the loop ``Task.train_model`` has
 always run: AdamW over ``task.param_groups``, linear warm-up then linear decay, gradient
 clipping at 5.0, the batch order of ``Task.batches(shuffle=True, seed=cfg.seed + epoch)``.
+
+In a torch.distributed process group of several ranks (e.g. under torchrun) it trains
+data-parallel (see ``slimcart.parallel.data_parallel``): each rank takes its contiguous slice of
+every global batch, the gradients are averaged weighted by the slices' rows before clipping, and
+the logged losses are those of the global batch, so the steps are those of one process up to
+floating-point summation order. Loss terms must be means over the rows (or not depend on the
+batch) for that to hold; batch-norm statistics are per slice (rank 0's running statistics are
+kept) and dropout masks per rank. Only rank 0 writes checkpoints; every rank resumes from the same
+one, whatever world size wrote it.
 """
 from __future__ import annotations
 
@@ -121,6 +130,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self._rng: Tensor | None = None
         self._hidden: dict[str, Tensor] = {}
+        self.world, self.rank = _world_and_rank()
         if self.checkpoint_dir is not None and (self.checkpoint_dir / STATE).is_file():
             self._load()
 
@@ -130,9 +140,18 @@ class Trainer:
         if self._rng is not None:
             torch.set_rng_state(self._rng)
         data = self.task.splits["train"]
+        world, rank = self.world, self.rank
+        if world > 1:
+            from .parallel.data_parallel import broadcast_module, check_same, rows_of
+
+            if not check_same([self.step, self.rows], next(self.model.parameters()).device):
+                raise UsageError("The ranks start from different steps or data: they did not all find the "
+                                 f"same checkpoint in {self.checkpoint_dir}, or loaded different data.",
+                                 "Put the checkpoint folder on a file system every rank sees.")
+            broadcast_module(self.model)
         hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.capture.items()]
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, leave=False, unit="step",
-                   disable=True if not self.progress else None)
+                   disable=True if not self.progress or rank else None)
         t0 = time.perf_counter()
         self.model.train()
         try:
@@ -145,8 +164,11 @@ class Trainer:
                 first = (self.step % self.steps_per_epoch) * self.cfg.batch_size
                 for start in range(first, self.rows, self.cfg.batch_size):
                     idx = order[start:start + self.cfg.batch_size]
-                    x = self.task.collate(tuple(t[idx] for t in data.inputs))
-                    self._train_step(x, data.labels[idx], idx)
+                    n = len(idx)
+                    if world > 1:
+                        idx = idx[rows_of(n, world, rank)]
+                    x = tuple(t[idx] for t in data.inputs)
+                    self._train_step(self.task.collate(x) if len(idx) else x, data.labels[idx], idx, n)
                     bar.update(1)
                     bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0:
@@ -168,27 +190,59 @@ class Trainer:
                 "terms": {n: float(np.mean(v[-50:])) for n, v in self.term_values.items() if v},
                 "resumed_from_step": self.resumed_from}
 
-    def _train_step(self, x: tuple[Tensor, ...], y: Tensor, idx: Tensor) -> None:
-        for cb in self.callbacks:
-            cb.on_batch_start(self, x)
-        self._hidden = {}
-        outputs = self.model(*x)
-        self.batch = Batch(x, y, outputs, self.step, self.epoch, self._hidden, idx)
-        loss = None
-        for term in self.terms:
-            value = term(self.batch, self.model)
-            self.term_values[term.name].append(value.item())
-            part = value if term.weight == 1.0 else term.weight * value
-            loss = part if loss is None else loss + part
+    def _train_step(self, x: tuple[Tensor, ...], y: Tensor, idx: Tensor, total: int) -> None:
+        """One optimizer step; ``idx`` are this rank's rows of a global batch of ``total`` rows."""
+        if self.world > 1:
+            from .parallel.data_parallel import step_seed
+
+            torch.manual_seed(step_seed(self.cfg.seed, self.step, self.rank))
+        loss, values = None, []
+        if len(idx):  # a rank gets no rows only when a global batch has fewer rows than ranks
+            for cb in self.callbacks:
+                cb.on_batch_start(self, x)
+            self._hidden = {}
+            outputs = self.model(*x)
+            self.batch = Batch(x, y, outputs, self.step, self.epoch, self._hidden, idx)
+            for term in self.terms:
+                value = term(self.batch, self.model)
+                values.append(value.detach())
+                part = value if term.weight == 1.0 else term.weight * value
+                loss = part if loss is None else loss + part
+        else:
+            self.batch = Batch(x, y, y.new_empty(0), self.step, self.epoch, {}, idx)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.world == 1:
+            loss.backward()
+            logged = [v.item() for v in values] + [loss.item()]
+        else:
+            logged = self._reduce(loss, values, len(idx) / total)
+        for term, v in zip(self.terms, logged):
+            self.term_values[term.name].append(v)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP_NORM)
         self.optimizer.step()
         self.scheduler.step()
+        if self.world > 1:
+            from .parallel.data_parallel import broadcast_float_buffers
+
+            broadcast_float_buffers(self.model)
         self.step += 1
         for cb in self.callbacks:
             cb.on_step_end(self)
-        self.losses.append(loss.item())
+        self.losses.append(logged[-1])
+
+    def _reduce(self, loss: Tensor | None, values: list[Tensor], share: float) -> list[float]:
+        """Backward of this rank's share of the loss, then the gradients and the logged values
+        summed over the ranks: those of the mean over the global batch."""
+        from .parallel.data_parallel import all_reduce_step
+
+        params = list({id(p): p for g in self.optimizer.param_groups for p in g["params"]}.values())
+        dev = params[0].device
+        if loss is not None:
+            (loss * share).backward()
+            logged = torch.stack([*values, loss.detach()]).to(dev, torch.float64) * share
+        else:
+            logged = torch.zeros(len(self.terms) + 1, dtype=torch.float64, device=dev)
+        return all_reduce_step(params, logged).tolist()
 
     def _hook(self, name: str):
         def hook(_module, _inputs, output):
@@ -202,6 +256,14 @@ class Trainer:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     def _save(self) -> None:
+        if self.rank == 0:
+            self._write()
+        if self.world > 1:  # no rank goes on (and may read it) before the files are complete
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _write(self) -> None:
         folder = self.checkpoint_dir
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
@@ -250,6 +312,14 @@ class Trainer:
         self.losses = list(state["losses"])
         self.term_values.update({n: list(v) for n, v in state["terms"].items() if n in self.term_values})
         self._rng = tensors["rng.cpu"]
+
+
+def _world_and_rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
