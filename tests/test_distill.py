@@ -222,3 +222,31 @@ def test_ctr_student_with_pairwise_ranking(tmp_path):
         distill(ModelState.from_module(teacher, TINY["deepfm"]),
                 DistillConfig(student={"embed_dim": 2}, group_field="shop"),
                 StageContext(task=task, workdir=tmp_path, progress=False))
+
+
+class FakeTokenizer:
+    mask_token_id, all_special_ids = 3, [0, 1, 2, 3]
+
+
+def test_narrow_student_with_masked_copies(trained_teacher, tmp_path):
+    task, teacher = trained_teacher
+    state = ModelState.from_module(teacher, TEXT3)
+    cfg = DistillConfig(student={"layers": 2, "heads_ratio": 0.5, "ffn_ratio": 0.5}, epochs=2, lr=3e-3,
+                        hidden_loss=1.0, attention_loss=1.0, augment_mask=0.2)
+    with pytest.raises(UsageError, match="augment_mask is for text tasks whose tokenizer has a"):
+        distill(ModelState.from_module(teacher, TEXT3), cfg, StageContext(task=task, workdir=tmp_path, progress=False))
+    task.tokenizer = FakeTokenizer()
+    try:
+        report = distill(state, cfg, StageContext(task=task, workdir=tmp_path, progress=False))
+    finally:
+        task.tokenizer = None
+    assert set(report.stats["terms"]) == {"task", "soft", "hidden", "attention", "masked_copy"}
+    layer = state.torch_model.encoder.encoder.layer[0]
+    assert layer.attention.self.num_attention_heads == 2 and layer.intermediate.dense.out_features == 32
+    assert "reshape" in state.spec and state.spec["config"]["encoder"]["num_hidden_layers"] == 2
+    narrow = report.stats["student_narrowed"]
+    assert narrow["params_after"] < narrow["params_before"]
+    folder = artifact.save(state, tmp_path / "narrow", task={"name": "intent"},
+                           examples=task.example_inputs(2, "val"), input_names=task.input_names)
+    x = task.example_inputs(4, "test")
+    torch.testing.assert_close(artifact.load(folder).torch_model(*x), state.torch_model(*x))

@@ -2,8 +2,10 @@
 
 - Transformers (``text_classifier``, a Hugging Face BERT / RoBERTa / DistilBERT classifier): k of
   the teacher's n layers, initialised from the teacher layers named by ``layer_map`` (0-based;
-  default: evenly spaced, ending with the last), with the embeddings and the head copied. Fewer
-  heads or a narrower FFN come from a ``head_prune`` stage after ``distill``.
+  default: evenly spaced, ending with the last), with the embeddings and the head copied;
+  ``heads_ratio`` / ``ffn_ratio`` then remove that share of each layer's heads / FFN neurons
+  (``head_prune``'s magnitude ranking) before the student trains, so the narrow student learns
+  from the teacher directly.
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
 - ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
 - ``mlp``: other ``hidden`` sizes, trained from scratch.
@@ -36,6 +38,10 @@ class StudentConfig(BaseModel):
         "transformers: the teacher layer (0-based) each student layer starts from"))
     init: Literal["teacher", "random"] = Field(default="teacher", description=(
         "transformers: copy the mapped teacher layers, or train the student from scratch"))
+    heads_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "transformers: fraction of each student layer's attention heads removed before training"))
+    ffn_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "transformers: fraction of each student layer's FFN width removed before training"))
     width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
     blocks: list[int] | None = Field(default=None, description="CNN: residual blocks per stage")
     embed_dim: int | None = Field(default=None, ge=1, description="DeepFM: embedding dimension")
@@ -53,7 +59,7 @@ class Student:
 
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
-    keys = {"transformer": {"layers", "layer_map", "init"}, "cnn": {"width", "blocks"},
+    keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio"}, "cnn": {"width", "blocks"},
             "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)

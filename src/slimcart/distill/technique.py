@@ -37,6 +37,9 @@ class DistillConfig(TechniqueConfig):
     group_field: str | None = Field(default=None, description="CTR: rank pairs within this categorical field's values")
     soft_loss: Literal["auto", "kl", "bce"] = "auto"
     freeze_embeddings: bool = Field(default=False, description="transformers: keep the word embeddings fixed")
+    augment_mask: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "text: each batch is also seen with this share of its tokens replaced by [MASK], with the "
+        "teacher's soft targets computed on that copy (0: no augmentation)"))
     seed: int = 0
 
 
@@ -90,6 +93,26 @@ class Relations(LossTerm):
                 + losses.relation_kl((v, v), (tv, tv), self.heads, mask))
 
 
+class MaskedCopy(LossTerm):
+    """Soft targets on a copy of the batch with a share of its tokens masked: more teacher signal
+    per labelled row. The teacher runs on the copy at each step (no cache: the copy is new each time).
+    It calls the student again, so it must be the last term (captured layers are overwritten)."""
+
+    def __init__(self, teacher: nn.Module, share: float, mask_id: int, special: Tensor, temperature: float,
+                 weight: float, seed: int):
+        self.teacher, self.share, self.mask_id, self.special = teacher, share, mask_id, special
+        self.t, self.weight, self.name = temperature, weight, "masked_copy"
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        ids, mask = batch.inputs[0], batch.inputs[1]
+        hit = (torch.rand(ids.shape, generator=self.gen) < self.share) & mask.bool() & ~torch.isin(ids, self.special)
+        masked = ids.masked_fill(hit, self.mask_id)
+        with torch.inference_mode():
+            target = self.teacher(masked, mask).float()
+        return losses.soft_kl(model(masked, mask), target.clone(), self.t)
+
+
 class Ranking(LossTerm):
     def __init__(self, cache: TeacherOutputs, temperature: float, field_index: int | None, weight: float):
         self.cache, self.t, self.field, self.weight, self.name = cache, temperature, field_index, weight, "ranking"
@@ -134,6 +157,30 @@ def _adapters(student: nn.Module, teacher: nn.Module, pairs: dict[str, str], exa
     return adapters
 
 
+def _narrow(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) -> None:
+    """Remove heads / FFN width of the student with head_prune (no fine-tuning: distillation follows)."""
+    from ..prune.structured import HeadPruneConfig, head_prune
+
+    sub = ModelState.from_module(built.module, built.spec)
+    rep = head_prune(sub, HeadPruneConfig(heads_ratio=scfg.heads_ratio, ffn_ratio=scfg.ffn_ratio), ctx)
+    built.module, built.spec = sub.torch_model, sub.spec
+    report.stats["student_narrowed"] = {k: rep.stats[k] for k in ("params_before", "params_after", "macs_before",
+                                                                  "macs_after") if k in rep.stats}
+    report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
+
+
+def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
+    tok = getattr(task, "tokenizer", None)
+    if "attention_mask" not in task.input_names or tok is None or tok.mask_token_id is None:
+        raise UsageError("distill: augment_mask is for text tasks whose tokenizer has a [MASK] token.",
+                         "Set augment_mask: 0.")
+    if kind != "kl":
+        raise UsageError("distill: augment_mask goes with multi-class soft targets.")
+    special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    return MaskedCopy(teacher, cfg.augment_mask, int(tok.mask_token_id), special, cfg.temperature,
+                      1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed)
+
+
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -148,6 +195,9 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     teacher = state.torch_model.eval()
     built = make_student(teacher, state.spec, cfg.student)
     student = built.module
+    if cfg.student.heads_ratio or cfg.student.ffn_ratio:
+        _narrow(built, cfg.student, ctx, report)
+        student = built.module
     example = task.example_inputs(4, "val")
     with torch.no_grad():
         t_out, s_out = teacher(*example), student.eval()(*example)
@@ -199,6 +249,8 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         terms.append(Relations(task, cache, s_attn, t_attn, built.heads[0], cfg.attention_loss))
     if cfg.ranking_loss > 0:
         terms.append(Ranking(cache, cfg.temperature, field_index, cfg.ranking_loss))
+    if cfg.augment_mask > 0:
+        terms.append(_masked_copy(teacher, task, cfg, kind))
     if not terms:
         raise UsageError("distill: every loss weight is 0.", "Give alpha < 1 or a positive hidden_loss.")
 
