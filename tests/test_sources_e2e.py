@@ -91,7 +91,7 @@ def test_torchvision_resnet18_cli_channel_prune(tmp_path):
     out = tmp_path / "out"
     r = run_cli("compress", "--task", "product_image", "--dataset", str(photos), "--model", "torchvision:resnet18",
                 "--weights", str(tmp_path / "r18.safetensors"), "--recipe", "product_image/channel50-ft",
-                "--batch-sizes", "1,4", "--out", str(out), "--quiet")
+                "--image-size", "32", "--batch-sizes", "1,4", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "result.json").read_text())
     v = res["variants"][0]

@@ -26,6 +26,12 @@ TextCol = typer.Option(None, "--text-column", help="intent, table data: the text
 LabelCol = typer.Option(None, "--label-column", help="intent/ctr, table data: the label column.")
 Cat = typer.Option(None, "--categorical", help="ctr, table data: categorical columns, comma-separated.")
 Dense = typer.Option(None, "--dense", help="ctr, table data: dense (numeric) columns, comma-separated.")
+ImageSize = typer.Option(None, "--image-size", min=1, help=(
+    "product_image, image folders: side length in pixels (default: 224 for efficientnet_lite0, else 32)."))
+Baseline = typer.Option(None, "--baseline", help=(
+    "product_image: the baseline to train, efficientnet_lite0 (ImageNet-pretrained) or resnet_small; "
+    "it also fixes the normalisation (default: efficientnet_lite0 for image folders unless "
+    "--image-size is under 64, resnet_small for fashion-mnist)."))
 Seed = typer.Option(0, "--seed", help="Seed for splits and training.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace OUT if it exists.")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")
@@ -45,6 +51,25 @@ def _ints(value: str, flag: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise UsageError(f"{flag} needs batch sizes >= 1, got {value!r}.")
     return vals
+
+
+def _image_options(image_size: Optional[int], baseline: Optional[str], fixed: Optional[dict] = None) -> dict:
+    """--image-size/--baseline as task options, checked against those a given model fixes."""
+    given = {k: v for k, v in (("image_size", image_size), ("baseline", baseline)) if v is not None}
+    fixed = dict(fixed or {})
+    flags = {"image_size": "--image-size", "baseline": "--baseline"}
+    for key, value in given.items():
+        if key in fixed and fixed[key] != value:
+            raise UsageError(f"{flags[key]} {value} does not match the model, which takes {fixed[key]}.",
+                             f"Leave out {flags[key]}: the model's own value is used.")
+    return {**fixed, **given}
+
+
+def _saved_image_options(folder: Path) -> dict:
+    """The image size and normalisation a model folder from `slimcart train` was trained with."""
+    from .sources import _bundle_options
+
+    return {k: v for k, v in _bundle_options(Path(folder)).items() if k in ("image_size", "baseline")}
 
 
 def _load_task(task, dataset, data_dir, seed, text_column=None, label_column=None, categorical=None, dense=None,
@@ -140,12 +165,15 @@ def train(task: str = typer.Option(..., "--task", help="intent, product_image or
           budget: str = typer.Option("full", "--budget", help="full (stated metric) or demo (quick)."),
           data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
           label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
-          dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
+          dense: Optional[str] = Dense, image_size: Optional[int] = ImageSize,
+          baseline: Optional[str] = Baseline, overwrite: bool = Overwrite, quiet: bool = Quiet) -> None:
     """Train a task's baseline (seeded) and save it as safetensors + a JSON spec. Started by
     torchrun, it trains data-parallel over the ranks (gloo on CPU; the global batch is split) and
     rank 0 saves the model.
 
     Example: slimcart train --task product_image --dataset fashion-mnist --out runs/cnn
+
+    Example: slimcart train --task product_image --dataset photos/ --baseline efficientnet_lite0 --image-size 224 --out runs/lite0
 
     Example: torchrun --nproc-per-node 2 -m slimcart train --task ctr --dataset womens-reviews --out runs/ctr
     """
@@ -157,7 +185,8 @@ def train(task: str = typer.Option(..., "--task", help="intent, product_image or
     import shutil
 
     check_output(out_dir, overwrite)
-    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense,
+                   **_image_options(image_size, baseline))
     # an interrupted run resumes from here (same command); removed once the model is saved
     ckpt = out_dir.parent / f".{out_dir.name}.checkpoint"
     with _process_group() as rank:
@@ -213,7 +242,8 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
              batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="e.g. 1,32 (overrides the recipe)."),
              data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
              label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
-             dense: Optional[str] = Dense, overwrite: bool = Overwrite, quiet: bool = Quiet,
+             dense: Optional[str] = Dense, image_size: Optional[int] = ImageSize,
+             baseline: Optional[str] = Baseline, overwrite: bool = Overwrite, quiet: bool = Quiet,
              gate: bool = typer.Option(False, "--gate", help=(
                  "Drop every variant that is slower than the baseline, in the runtime that serves it, "
                  "at any measured batch size (listed in result.json under `gated`)."))) -> None:
@@ -234,7 +264,7 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
     if batch_sizes:
         measure = measure.model_copy(update={"batch_sizes": _ints(batch_sizes, "--batch-sizes")})
     src = resolve_source(model, weights=weights) if model else None
-    options = dict(src.task_options) if src is not None else {}
+    options = _image_options(image_size, baseline, src.task_options if src is not None else None)
     t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense, **options)
     base = model if model else t.train_baseline(budget, seed=seed, progress=not quiet)
     res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet, weights=weights,
@@ -262,7 +292,8 @@ def sensitivity(task: str = typer.Option(..., "--task", help="intent, product_im
                 exclude: Optional[str] = typer.Option(None, "--exclude", help="Layer-name patterns to leave out."),
                 data_dir: Optional[Path] = DataDir, seed: int = Seed, text_column: Optional[str] = TextCol,
                 label_column: Optional[str] = LabelCol, categorical: Optional[str] = Cat,
-                dense: Optional[str] = Dense, overwrite: bool = Overwrite) -> None:
+                dense: Optional[str] = Dense, image_size: Optional[int] = ImageSize,
+                baseline: Optional[str] = Baseline, overwrite: bool = Overwrite) -> None:
     """Scan each layer's sensitivity to magnitude pruning on the validation split and propose
     per-layer sparsities; writes sensitivity.json/.md/.png and a runnable recipe.yaml.
 
@@ -286,7 +317,8 @@ def sensitivity(task: str = typer.Option(..., "--task", help="intent, product_im
     if not types or unknown:
         raise UsageError(f"--layer-types: unknown {', '.join(unknown) or '(none given)'}.",
                          f"Known layer types: {', '.join(LAYER_TYPES)}.")
-    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense)
+    t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense,
+                   **_image_options(image_size, baseline, _saved_image_options(model)))
     net = load_trained(model, t)
     scan = sensitivity_scan(net, t, fracs, types, _csv(include) or ["*"], _csv(exclude) or [], "val", limit)
     if not scan["layers"]:

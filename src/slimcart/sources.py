@@ -156,7 +156,7 @@ def check_onnx_inputs(source: Source, expected: tuple[str, ...]) -> None:
 
 
 def _bundle_options(folder: Path) -> dict[str, Any]:
-    """Task options a saved bundle fixes: its own tokenizer, its image size."""
+    """Task options a saved bundle fixes: its own tokenizer, its image size and normalisation."""
     opts: dict[str, Any] = {}
     if (folder / "tokenizer").is_dir():
         opts["tokenizer"] = str(folder / "tokenizer")
@@ -166,4 +166,6 @@ def _bundle_options(folder: Path) -> dict[str, Any]:
         return opts
     if spec.get("kind") == "image" and spec.get("height"):
         opts["image_size"] = int(spec["height"])
+        # the baseline whose normalisation the pixels have (older bundles: the train split's statistics)
+        opts["baseline"] = spec.get("normalised_for", "resnet_small")
     return opts

@@ -82,6 +82,18 @@ def load_fashion_mnist(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray
             arrays["x_test"], arrays["y_test"].astype(np.int64))
 
 
+def normalise(pixels, mean, std):
+    """uint8 pixels [N, C, H, W] (any memory layout) -> float32 ((x / 255) - mean) / std, with
+    ``mean`` and ``std`` one number or one per channel. Tasks and serving both call this."""
+    import torch
+
+    if isinstance(mean, (list, tuple)):
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    if isinstance(std, (list, tuple)):
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((pixels.float() / 255.0) - mean) / std
+
+
 def _visible(path: Path) -> bool:
     return not path.name.startswith(".")
 

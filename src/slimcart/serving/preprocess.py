@@ -159,8 +159,10 @@ class ImagePreprocessor:
         x = np.stack([self._pixels(i) for i in items])
         # As product_image._to_tensor, layout included: RGB pixels stay channels-last in memory,
         # and convolutions round differently per layout.
+        from ..data.images import normalise
+
         t = torch.from_numpy(x).permute(0, 3, 1, 2)
-        return (((t.float() / 255.0) - self.spec["mean"]) / self.spec["std"],)
+        return (normalise(t, self.spec["mean"], self.spec["std"]),)
 
 
 def _rows(raw, str_columns: list[str]) -> pd.DataFrame:

@@ -11,7 +11,8 @@ TASKS: dict[str, type[Task]] = {"intent": IntentTask, "product_image": ProductIm
 DEFAULT_DATASET = {"intent": "bitext", "product_image": "fashion-mnist", "ctr": "womens-reviews"}
 SUMMARY = {
     "intent": "customer-service intent classification; fine-tuned MiniLM-L6 + mean pooling + linear head",
-    "product_image": "product photo recognition; small ResNet-style CNN",
+    "product_image": "product photo recognition; ImageNet-pretrained EfficientNet-Lite0 on photo folders, "
+                     "small ResNet-style CNN on Fashion-MNIST",
     "ctr": "click / conversion prediction; DeepFM with one embedding table per categorical field",
 }
 
@@ -25,7 +26,7 @@ def datasets(task: str) -> dict[str, str]:
 
 def load_task(name: str, dataset: str | None = None, *, data_dir=None, seed: int = 0, **options) -> Task:
     """Load a task with its data splits. ``options`` are the table-column options
-    (text_column, label_column, categorical, dense) and image_size."""
+    (text_column, label_column, categorical, dense), image_size and product_image's baseline."""
     if name not in TASKS:
         raise UsageError(f"Unknown task {name!r}.{closest(name, list(TASKS))}",
                          f"Known tasks: {', '.join(TASKS)} (see `slimcart tasks`).")
