@@ -250,3 +250,31 @@ def test_narrow_student_with_masked_copies(trained_teacher, tmp_path):
                            examples=task.example_inputs(2, "val"), input_names=task.input_names)
     x = task.example_inputs(4, "test")
     torch.testing.assert_close(artifact.load(folder).torch_model(*x), state.torch_model(*x))
+
+
+def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
+    from slimcart.distill.technique import _prune_channels
+    from slimcart.stage import StageReport
+
+    class Images:
+        name, input_names = "product_image", ("image",)
+
+        def example_inputs(self, batch, split="val"):
+            return (torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0)),)
+
+    spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
+    torch.manual_seed(0)
+    teacher = build(spec).eval()
+    with pytest.raises(UsageError, match="needs student.width below 1"):
+        make_student(teacher, spec, StudentConfig())
+    with pytest.raises(UsageError, match="student.layers does not apply to a pruned"):
+        make_student(teacher, spec, StudentConfig(layers=2, width=0.5))
+    st = make_student(teacher, spec, StudentConfig(width=0.5))
+    report = StageReport("distill", {})
+    _prune_channels(st, StudentConfig(width=0.5), StageContext(Images(), tmp_path), report)
+    narrow = report.stats["student_narrowed"]
+    assert narrow["macs_after"] < 0.3 * narrow["macs_before"]
+    again = build(st.spec)  # timm's Conv2dSame layers rebuild narrowed from the spec
+    again.load_state_dict(st.module.state_dict(), strict=True)
+    x = Images().example_inputs(2)
+    torch.testing.assert_close(again.eval()(*x), st.module.eval()(*x))

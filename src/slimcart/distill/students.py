@@ -7,6 +7,9 @@
   (``head_prune``'s magnitude ranking) before the student trains, so the narrow student learns
   from the teacher directly.
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
+- Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): the
+  teacher with ``1 - width`` of its prunable channels removed (``channel_prune``, magnitude ranking,
+  widths rounded to multiples of 8), so the student starts from the teacher's ImageNet features.
 - ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
 - ``mlp``: other ``hidden`` sizes, trained from scratch.
 
@@ -60,7 +63,7 @@ class Student:
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
     keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio"}, "cnn": {"width", "blocks"},
-            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}}[family]
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)
     if wrong:
@@ -88,6 +91,12 @@ def make_student(teacher: nn.Module, spec: dict[str, Any], cfg: StudentConfig) -
                             f"model.{base}.encoder.layer", f"model.{base}.encoder.layer.{{i}}.attention.self")
     if arch == "resnet_small":
         return _cnn(spec, cfg)
+    if arch in ("efficientnet_lite0", "torchvision", "timm"):
+        _keys_for("pruned", cfg)
+        if cfg.width is None or cfg.width >= 1:
+            raise UsageError("distill: a pruned image student needs student.width below 1 (the share of channels "
+                             "kept), e.g. student: {width: 0.5}.")
+        return Student(copy.deepcopy(teacher), copy.deepcopy(spec), {}, ["all layers (then channel-pruned)"])
     if arch == "deepfm":
         return _config_student(spec, cfg, "deepfm")
     if arch == "mlp":

@@ -169,6 +169,17 @@ def _narrow(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
     report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
 
 
+def _prune_channels(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) -> None:
+    """An image student: the teacher with 1 - width of its channels removed (channel_prune)."""
+    from ..prune.structured import ChannelPruneConfig, channel_prune
+
+    sub = ModelState.from_module(built.module, built.spec)
+    rep = channel_prune(sub, ChannelPruneConfig(ratio=round(1 - scfg.width, 6), round_to=8), ctx)
+    built.module, built.spec = sub.torch_model, sub.spec
+    report.stats["student_narrowed"] = {k: rep.stats[k] for k in ("params_before", "params_after", "macs_before",
+                                                                  "macs_after") if k in rep.stats}
+
+
 def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
     tok = getattr(task, "tokenizer", None)
     if "attention_mask" not in task.input_names or tok is None or tok.mask_token_id is None:
@@ -197,6 +208,9 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     student = built.module
     if cfg.student.heads_ratio or cfg.student.ffn_ratio:
         _narrow(built, cfg.student, ctx, report)
+        student = built.module
+    elif built.copied == ["all layers (then channel-pruned)"]:
+        _prune_channels(built, cfg.student, ctx, report)
         student = built.module
     example = task.example_inputs(4, "val")
     with torch.no_grad():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import ModelError
@@ -72,14 +73,50 @@ def record_reshape(model: nn.Module, base: nn.Module | None = None) -> dict[str,
             "attrs": {n: a for n, m in model.named_modules() if (a := _attrs(m)) and b_attrs.get(n) != a}}
 
 
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _resized_conv_subclass(old: nn.Module, rec: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
+    """A copy of a Conv subclass with the new channel counts (its weights are loaded afterwards)."""
+    import copy
+
+    new = copy.deepcopy(old)
+    new.in_channels, new.out_channels = rec["in"], rec["out"]
+    new.groups = rec.get("groups", old.groups)
+    new.weight = nn.Parameter(torch.empty(new.out_channels, new.in_channels // new.groups, *old.kernel_size, **kw))
+    if old.bias is not None:
+        new.bias = nn.Parameter(torch.empty(new.out_channels, **kw))
+    return new
+
+
+_PLAIN_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _resized_bn_subclass(old: nn.Module, rec: dict[str, Any], kw: dict[str, Any]) -> nn.Module:
+    """A copy of a BatchNorm subclass with ``rec["features"]`` channels (statistics loaded afterwards)."""
+    import copy
+
+    new, n = copy.deepcopy(old), rec["features"]
+    new.num_features = n
+    if old.affine:
+        new.weight, new.bias = nn.Parameter(torch.ones(n, **kw)), nn.Parameter(torch.zeros(n, **kw))
+    if old.track_running_stats:
+        new.running_mean, new.running_var = torch.zeros(n, **kw), torch.ones(n, **kw)
+    return new
+
+
 def _resized(old: nn.Module, rec: dict[str, Any], name: str) -> nn.Module:
     ref = next(iter(old.parameters(recurse=False)), None)
     kw = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    if isinstance(old, nn.modules.conv._ConvNd) and type(old) not in _PLAIN_CONVS and not old.transposed:
+        return _resized_conv_subclass(old, rec, kw)  # e.g. timm's Conv2dSame: another signature
     if isinstance(old, nn.modules.conv._ConvNd):
         return type(old)(rec["in"], rec["out"], old.kernel_size, old.stride, old.padding, old.dilation,
                          rec.get("groups", old.groups), old.bias is not None, old.padding_mode, **kw)
     if isinstance(old, nn.Linear):
         return nn.Linear(rec["in"], rec["out"], bias=old.bias is not None, **kw)
+    if isinstance(old, nn.modules.batchnorm._BatchNorm) and type(old) not in _PLAIN_BNS:
+        return _resized_bn_subclass(old, rec, kw)  # e.g. timm's BatchNormAct2d: keeps its activation
     if isinstance(old, nn.modules.batchnorm._BatchNorm):
         return type(old)(rec["features"], old.eps, old.momentum, old.affine, old.track_running_stats, **kw)
     if isinstance(old, nn.LayerNorm):
