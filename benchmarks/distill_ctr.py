@@ -71,11 +71,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results/distill_ctr.md", type=Path)
     ap.add_argument("--quick", action="store_true", help="smoke run on a small synthetic log")
-    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds", default="0,1,2", help="student seeds on women's reviews")
+    ap.add_argument("--synthetic-seeds", default="0", help="student seeds on the synthetic log")
     args = ap.parse_args()
     t0 = time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
-    parts = [section(d, 4, seeds) for d in (QUICK if args.quick else DATASETS)]
+    synthetic = [int(s) for s in args.synthetic_seeds.split(",")]
+    parts = [section(d, 4, synthetic if d.startswith("synthetic") else seeds) for d in (QUICK if args.quick else DATASETS)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("## Distillation: CTR students with 4x smaller embeddings\n\n"
                         "Pointwise: BCE to the teacher's probability; pairwise: for every pair of rows in a "
