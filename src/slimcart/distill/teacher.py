@@ -32,7 +32,7 @@ def weights_key(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         a = t.detach().cpu().contiguous()
         h.update(f"{name}:{a.dtype}:{tuple(a.shape)};".encode())
-        h.update(a.view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
     return h.hexdigest()
 
 
