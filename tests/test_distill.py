@@ -278,3 +278,13 @@ def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
     again.load_state_dict(st.module.state_dict(), strict=True)
     x = Images().example_inputs(2)
     torch.testing.assert_close(again.eval()(*x), st.module.eval()(*x))
+
+
+def test_teacher_key_covers_every_tensor():
+    from slimcart.distill.teacher import weights_key
+
+    model = tiny("cnn")  # has BatchNorm's 0-dim step counters
+    key = weights_key(model)
+    with torch.no_grad():
+        model.fc.bias[0] += 1e-3
+    assert weights_key(model) != key
