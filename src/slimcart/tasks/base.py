@@ -10,6 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 Inputs = tuple[torch.Tensor, ...]
+PREDICT_BYTES = 32 * 2**20  # inputs per scoring batch
 
 
 @dataclass
@@ -106,7 +107,13 @@ class Task(ABC):
 
     # ---- running -------------------------------------------------------------------
     def predict(self, fn: Callable[[Inputs], np.ndarray], split: str = "test",
-                limit: int | None = None, batch_size: int = 256) -> np.ndarray:
+                limit: int | None = None, batch_size: int | None = None) -> np.ndarray:
+        """``fn`` over the split in batches; by default 256 rows, fewer for large rows (at most
+        ``PREDICT_BYTES`` of inputs a batch: 224 px photos go 55 at a time, since a runtime's
+        memory arena keeps the peak of its largest call)."""
+        if batch_size is None:
+            row = sum(t[:1].numel() * t.element_size() for t in self.splits[split].inputs)
+            batch_size = int(max(1, min(256, PREDICT_BYTES // max(row, 1))))
         outs = [fn(x) for x, _ in self.batches(split, batch_size, limit=limit)]
         return np.concatenate(outs, axis=0)
 
