@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import baseline, markdown_table  # noqa: E402
 
-DATASETS = ["womens-reviews", "synthetic:rows=600000,fields=3,vocab=1000000"]
+DATASETS = ["womens-reviews", "synthetic:rows=300000,fields=3,vocab=1000000"]
 QUICK = ["womens-reviews", "synthetic:rows=20000,fields=3,vocab=50000"]
 MODES = {"labels only": dict(alpha=1.0),
          "pointwise": dict(alpha=0.5),
@@ -71,13 +71,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results/distill_ctr.md", type=Path)
     ap.add_argument("--quick", action="store_true", help="smoke run on a small synthetic log")
+    ap.add_argument("--only", default=None, help="run this one dataset and write its section alone")
     ap.add_argument("--seeds", default="0,1,2", help="student seeds on women's reviews")
     ap.add_argument("--synthetic-seeds", default="0", help="student seeds on the synthetic log")
     args = ap.parse_args()
     t0 = time.time()
     seeds = [int(s) for s in args.seeds.split(",")]
     synthetic = [int(s) for s in args.synthetic_seeds.split(",")]
-    parts = [section(d, 4, synthetic if d.startswith("synthetic") else seeds) for d in (QUICK if args.quick else DATASETS)]
+    names = [args.only] if args.only else (QUICK if args.quick else DATASETS)
+    parts = [section(d, 4, synthetic if d.startswith("synthetic") else seeds) for d in names]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("## Distillation: CTR students with 4x smaller embeddings\n\n"
                         "Pointwise: BCE to the teacher's probability; pairwise: for every pair of rows in a "

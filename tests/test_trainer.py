@@ -9,20 +9,14 @@ from slimcart.models import build
 from slimcart.tasks.base import TrainConfig
 from slimcart.tasks.ctr import CTRTask
 from slimcart.trainer import Callback, LossTerm, Trainer
-from tests.tiny import TINY
+from tests.tiny import TINY, tiny_ctr_task
 
 CFG = TrainConfig(epochs=2.5, batch_size=16, lr=3e-3, weight_decay=1e-4, warmup_ratio=0.2, seed=3)
 
 
 @pytest.fixture(scope="module")
 def task():
-    g = np.random.default_rng(0)
-    n = 160
-    sparse = np.stack([g.integers(0, v, n) for v in (50, 7, 300)], 1)
-    dense, y = g.normal(size=(n, 2)), (g.random(n) < 0.4).astype(np.float32)
-    info = {"dense": ["d0", "d1"], "vocab_sizes": [50, 7, 300]}
-    return CTRTask._from_arrays("t", sparse, dense, y, (np.arange(120), np.arange(120, 140),
-                                                         np.arange(140, 160)), info)
+    return tiny_ctr_task()
 
 
 def model(seed=0):

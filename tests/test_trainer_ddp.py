@@ -21,7 +21,7 @@ from slimcart.tasks.base import TrainConfig
 from slimcart.tasks.ctr import CTRTask
 from slimcart.trainer import Callback, LossTerm, TaskLoss, Trainer
 from tests.gloo import finish, free_port, start
-from tests.tiny import TINY
+from tests.tiny import TINY, tiny_ctr_task
 
 # 120 train rows in batches of 17: slices of 8 and 9 rows, and a last batch of 1 row (rank 0 gets none)
 CFG = TrainConfig(epochs=2.5, batch_size=17, lr=3e-3, weight_decay=1e-4, warmup_ratio=0.2, seed=3)
@@ -30,13 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def make_task() -> CTRTask:
-    g = np.random.default_rng(0)
-    n = 160
-    sparse = np.stack([g.integers(0, v, n) for v in (50, 7, 300)], 1)
-    dense, y = g.normal(size=(n, 2)), (g.random(n) < 0.4).astype(np.float32)
-    info = {"dense": ["d0", "d1"], "vocab_sizes": [50, 7, 300]}
-    return CTRTask._from_arrays("t", sparse, dense, y, (np.arange(120), np.arange(120, 140),
-                                                         np.arange(140, 160)), info)
+    return tiny_ctr_task()
 
 
 def make_model(seed: int = 0):

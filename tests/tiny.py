@@ -38,3 +38,18 @@ def tiny_inputs(name: str, batch: int = 6, seed: int = 1) -> tuple[torch.Tensor,
     mask = torch.ones_like(ids)
     mask[0, 8:] = 0
     return ids, mask
+
+
+def tiny_ctr_task():
+    """160 rows of three categorical fields and two dense features: 120 train, 20 val, 20 test."""
+    import numpy as np
+
+    from slimcart.tasks.ctr import CTRTask
+
+    g = np.random.default_rng(0)
+    n = 160
+    sparse = np.stack([g.integers(0, v, n) for v in (50, 7, 300)], 1)
+    dense, y = g.normal(size=(n, 2)), (g.random(n) < 0.4).astype(np.float32)
+    info = {"dense": ["d0", "d1"], "vocab_sizes": [50, 7, 300]}
+    return CTRTask._from_arrays("t", sparse, dense, y, (np.arange(120), np.arange(120, 140),
+                                                         np.arange(140, 160)), info)
