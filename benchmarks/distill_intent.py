@@ -94,7 +94,7 @@ def main() -> None:
         measure = MeasureConfig(batch_sizes=[1, 32], runtimes=["torch", "onnxruntime"], deployed=False,
                                 memory=False, throughput_seconds=0)
         text, res = run_section("intent", "banking77", RECIPES, args.runs, "distill", measure=measure)
-        head = ("## Distillation: the intent model, 10x faster\n\n" + headline(res) + "\n")
+        head = ("## Distillation: the intent model (banking77), stacked with pruning and int8\n\n" + headline(res) + "\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(head + text)
     if args.layers:
