@@ -253,7 +253,7 @@ def test_narrow_student_with_masked_copies(trained_teacher, tmp_path):
 
 
 def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
-    from slimcart.distill.technique import _prune_channels
+    from slimcart.distill.technique import _shrink
     from slimcart.stage import StageReport
 
     class Images:
@@ -271,7 +271,7 @@ def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
         make_student(teacher, spec, StudentConfig(layers=2, width=0.5))
     st = make_student(teacher, spec, StudentConfig(width=0.5))
     report = StageReport("distill", {})
-    _prune_channels(st, StudentConfig(width=0.5), StageContext(Images(), tmp_path), report)
+    _shrink(st, StudentConfig(width=0.5), StageContext(Images(), tmp_path), report)
     narrow = report.stats["student_narrowed"]
     assert narrow["macs_after"] < 0.3 * narrow["macs_before"]
     again = build(st.spec)  # timm's Conv2dSame layers rebuild narrowed from the spec

@@ -157,27 +157,22 @@ def _adapters(student: nn.Module, teacher: nn.Module, pairs: dict[str, str], exa
     return adapters
 
 
-def _narrow(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) -> None:
-    """Remove heads / FFN width of the student with head_prune (no fine-tuning: distillation follows)."""
-    from ..prune.structured import HeadPruneConfig, head_prune
+def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) -> None:
+    """Narrow the student before it trains, with the structured pruning of its family and no fine-tuning
+    (distillation follows): transformers lose heads / FFN width (head_prune), pretrained image
+    networks 1 - width of their channels (channel_prune)."""
+    from ..prune.structured import ChannelPruneConfig, HeadPruneConfig, channel_prune, head_prune
 
+    if scfg.heads_ratio or scfg.ffn_ratio:
+        prune, pcfg = head_prune, HeadPruneConfig(heads_ratio=scfg.heads_ratio, ffn_ratio=scfg.ffn_ratio)
+    else:
+        prune, pcfg = channel_prune, ChannelPruneConfig(ratio=round(1 - scfg.width, 6), round_to=8)
     sub = ModelState.from_module(built.module, built.spec)
-    rep = head_prune(sub, HeadPruneConfig(heads_ratio=scfg.heads_ratio, ffn_ratio=scfg.ffn_ratio), ctx)
+    rep = prune(sub, pcfg, ctx)
     built.module, built.spec = sub.torch_model, sub.spec
     report.stats["student_narrowed"] = {k: rep.stats[k] for k in ("params_before", "params_after", "macs_before",
                                                                   "macs_after") if k in rep.stats}
     report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
-
-
-def _prune_channels(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) -> None:
-    """An image student: the teacher with 1 - width of its channels removed (channel_prune)."""
-    from ..prune.structured import ChannelPruneConfig, channel_prune
-
-    sub = ModelState.from_module(built.module, built.spec)
-    rep = channel_prune(sub, ChannelPruneConfig(ratio=round(1 - scfg.width, 6), round_to=8), ctx)
-    built.module, built.spec = sub.torch_model, sub.spec
-    report.stats["student_narrowed"] = {k: rep.stats[k] for k in ("params_before", "params_after", "macs_before",
-                                                                  "macs_after") if k in rep.stats}
 
 
 def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
@@ -206,11 +201,8 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     teacher = state.torch_model.eval()
     built = make_student(teacher, state.spec, cfg.student)
     student = built.module
-    if cfg.student.heads_ratio or cfg.student.ffn_ratio:
-        _narrow(built, cfg.student, ctx, report)
-        student = built.module
-    elif built.copied == ["all layers (then channel-pruned)"]:
-        _prune_channels(built, cfg.student, ctx, report)
+    if cfg.student.heads_ratio or cfg.student.ffn_ratio or built.copied == ["all layers (then channel-pruned)"]:
+        _shrink(built, cfg.student, ctx, report)
         student = built.module
     example = task.example_inputs(4, "val")
     with torch.no_grad():
