@@ -10,7 +10,7 @@ recipe product_image/deep-compression) and LeNet-300-100, an MLP 784-300-100-10 
     python benchmarks/deep_compression.py --train-scale 0.3    # 30% of every fine-tuning: ~3x faster
     python benchmarks/deep_compression.py --quick --out /tmp/dc.md   # a smoke run: 5% of the fine-tuning
 
-The CNN's recipe fine-tunes about 3.3 epochs in all (~15 minutes on 2 idle cores); --train-scale
+The CNN's recipe fine-tunes about 4 epochs in all (~15 minutes on 2 idle cores); --train-scale
 trades accuracy for time (0.3 cost about one more point of top-1 in our runs).
 """
 from __future__ import annotations

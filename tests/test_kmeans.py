@@ -179,3 +179,19 @@ def test_all_zero_layer_is_skipped_with_reason(tmp_path):
     rep = _share(model, tmp_path)
     assert rep.skipped["head"] == "every weight is zero" and "head" not in rep.changed
     assert TINY  # the tiny CNN is exercised above
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_centroids_are_rounded_to_float16_unless_asked(dtype, tmp_path):
+    model = _mlp()
+    _prune(model, tmp_path)
+    exact = copy.deepcopy(model)
+    _share(model, tmp_path, bits=4, centroid_dtype=dtype)
+    _share(exact, tmp_path, bits=4, centroid_dtype="float32")
+    for (n, m), (_, e) in zip(model.named_modules(), exact.named_modules()):
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        w, ref = m.weight.detach(), e.weight.detach()
+        in_half = torch.equal(w.half().float(), w)
+        assert in_half if dtype == "float16" else torch.equal(w, ref), n
+        assert torch.allclose(w, ref, rtol=2 ** -10, atol=0)

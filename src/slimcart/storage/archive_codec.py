@@ -6,15 +6,21 @@ ordinary value), and every tensor comes back bit for bit. The smallest of these 
 
 ``raw``            part ``raw``: the bit patterns as bytes.
 ``sparse``         part ``gaps``: Huffman-coded (huffman.py) relative positions of the non-zero
-                   patterns, escape-coded as in codebook.py (gap ``g < 255``: ``g`` zeros then a
-                   value; 255: 255 zeros, no value); part ``values``: the non-zero patterns as bytes.
+                   patterns, escape-coded as in codebook.py with the tensor's own bound ``E`` (the
+                   entry's ``escape``, 255 when absent; gap ``g < E``: ``g`` zeros then a value;
+                   ``E``: ``E`` zeros, no value), ``E`` chosen per tensor from 15, 31, 63, 127, 255
+                   as the smallest coding, as Deep Compression bounds its index differences per
+                   layer; part ``values``: the non-zero patterns as bytes.
 ``shared``         part ``codebook``: the distinct patterns (at most 256, ascending) as bytes;
                    part ``indices``: Huffman-coded index into the codebook of every element.
 ``shared_sparse``  part ``gaps`` as in ``sparse``; part ``codebook``: the distinct non-zero
                    patterns; part ``indices``: Huffman-coded codebook index of each non-zero.
 
-Byte parts (``raw``, ``values``, ``codebook``) are stored zlib-compressed when that is smaller;
-the entry lists them under ``zlib``.
+Byte parts (``raw``, ``values``, ``codebook``) of a float32 tensor whose every value converts to
+float16 (else bfloat16) and back bit for bit are stored in that half format, listed under the
+entry's ``half`` as ``{part: "float16" | "bfloat16"}`` (weight sharing rounds its centroids to
+float16 for this). Byte parts are then stored zlib-compressed when that is smaller; the entry
+lists them under ``zlib``.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
 _SIGNED = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 PART_OVERHEAD = 24  # rough header bytes per stored part (its JSON entry and section record)
+ESCAPES = (15, 31, 63, 127, ESCAPE)
 
 
 def bit_patterns(t: torch.Tensor) -> np.ndarray:
@@ -54,6 +61,33 @@ def _distinct(u: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return (values, inverse.reshape(-1)) if len(values) <= MAX_VALUES else None
 
 
+def _halve(u: np.ndarray) -> tuple[bytes, str] | None:
+    """float32 bit patterns as float16 (else bfloat16) bytes when that conversion is exact."""
+    if u.dtype != np.uint32 or not len(u):
+        return None
+    f = u.view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        h = f.astype(np.float16)
+    if np.array_equal(h.astype(np.float32).view(np.uint32), u):
+        return _le(h.view(np.uint16)), "float16"
+    if not np.any(u & 0xFFFF):  # bfloat16 is the upper half of a float32
+        return _le((u >> 16).astype(np.uint16)), "bfloat16"
+    return None
+
+
+def _unhalve(blob: bytes, kind: str) -> bytes:
+    if kind == "float16":
+        return _le(np.frombuffer(blob, dtype="<f2").astype(np.float32).view(np.uint32))
+    if kind == "bfloat16":
+        return _le(np.frombuffer(blob, dtype="<u2").astype(np.uint32) << 16)
+    raise ValueError(f"unknown half format {kind!r}")
+
+
+def _best_gaps(mask: np.ndarray) -> tuple[bytes, int]:
+    coded = [(huffman.encode(relative_gaps(mask, e)), e) for e in ESCAPES]
+    return min(coded, key=lambda c: len(c[0]))
+
+
 def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
     """(entry for the archive header, the tensor's parts as bytes), the smallest kind."""
     dtype = str(t.dtype).removeprefix("torch.")
@@ -63,9 +97,9 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
     options: dict[str, dict[str, bytes]] = {"raw": {"raw": _le(u)}}
     mask = u != 0
     nnz = int(mask.sum())
-    gaps = None
+    gaps, escape = None, ESCAPE
     if len(u) and nnz < len(u):
-        gaps = huffman.encode(relative_gaps(mask, ESCAPE))
+        gaps, escape = _best_gaps(mask)
         options["sparse"] = {"gaps": gaps, "values": _le(u[mask])}
     got = _distinct(u)
     if got is not None:
@@ -76,19 +110,26 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
             remap = np.cumsum(nz) - 1
             options["shared_sparse"] = {"gaps": gaps, "codebook": _le(values[nz]),
                                         "indices": huffman.encode(remap[inverse[mask]])}
-    packed: dict[str, tuple[dict[str, bytes], list[str]]] = {}
+    packed: dict[str, tuple[dict[str, bytes], list[str], dict[str, str]]] = {}
     for kind, parts in options.items():
-        squeezed, zipped = {}, []
+        squeezed, zipped, halved = {}, [], {}
         for name, data in parts.items():
-            if name in ("raw", "values", "codebook"):
+            if name in ("raw", "values", "codebook") and dtype == "float32":
+                half = _halve(np.frombuffer(data, dtype=np.dtype(u.dtype).newbyteorder("<")).astype(u.dtype))
+                if half is not None:
+                    data, halved[name] = half
                 z = zlib.compress(data, 9)
                 if len(z) < len(data):
                     data, zipped = z, [*zipped, name]
             squeezed[name] = data
-        packed[kind] = (squeezed, zipped)
+        packed[kind] = (squeezed, zipped, halved)
     kind = min(packed, key=lambda k: sum(len(v) + PART_OVERHEAD for v in packed[k][0].values()))
-    parts, zipped = packed[kind]
-    entry = {"dtype": dtype, "shape": list(t.shape), "kind": kind, "nnz": nnz, "zlib": zipped}
+    parts, zipped, halved = packed[kind]
+    entry: dict[str, Any] = {"dtype": dtype, "shape": list(t.shape), "kind": kind, "nnz": nnz, "zlib": zipped}
+    if halved:
+        entry["half"] = halved
+    if "gaps" in parts and escape != ESCAPE:
+        entry["escape"] = escape
     return entry, parts
 
 
@@ -107,7 +148,19 @@ def decode_tensor(entry: dict[str, Any], parts: dict[str, bytes]) -> torch.Tenso
                 blob = zlib.decompress(blob)
             except zlib.error as exc:
                 raise ValueError(f"part {name}: {exc}") from None
+        halves = entry.get("half", {})
+        if not isinstance(halves, dict):
+            raise ValueError(f"bad half entry {halves!r}")
+        if name in halves:
+            if entry.get("dtype") != "float32":
+                raise ValueError(f"part {name} is stored as half floats but the tensor is {entry.get('dtype')}")
+            if len(blob) % 2:
+                raise ValueError(f"part {name} holds {len(blob)} bytes, not a whole number of half floats")
+            blob = _unhalve(blob, halves[name])
         data[name] = blob
+    escape = entry.get("escape", ESCAPE)
+    if not isinstance(escape, int) or not 1 <= escape <= ESCAPE:
+        raise ValueError(f"bad gap escape {escape!r}")
 
     def array(name: str, count: int | None = None) -> np.ndarray:
         blob = data[name]
@@ -125,7 +178,7 @@ def decode_tensor(entry: dict[str, Any], parts: dict[str, bytes]) -> torch.Tenso
                 raise ValueError(f"{len(idx)} indices for {n} elements, or an index past the codebook")
             u = book[idx]
         else:
-            pos = gap_positions(huffman.decode(data["gaps"]), n, ESCAPE)
+            pos = gap_positions(huffman.decode(data["gaps"]), n, escape)
             if len(pos) != entry.get("nnz"):
                 raise ValueError(f"the gaps hold {len(pos)} non-zeros, the header says {entry.get('nnz')}")
             if kind == "sparse":
