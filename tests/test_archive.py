@@ -211,3 +211,19 @@ def test_serving_files_travel_with_the_model(tmp_path):
     with pytest.raises(ModelError, match="tokenizer/vocab.txt"):
         write_archive(folder, tmp_path / "n.scz")
     assert not (tmp_path / "n.scz").exists()
+
+
+def test_version_1_archives_are_still_read(tmp_path, monkeypatch):
+    from slimcart.storage import archive, archive_codec
+
+    model, folder = _compressed(MLP, tmp_path)
+    with monkeypatch.context() as m:   # how version 1 wrote: gaps bounded at 255, float32 parts
+        m.setattr(archive, "VERSION", 1)
+        m.setattr(archive_codec, "ESCAPES", (255,))
+        m.setattr(archive_codec, "_halve", lambda u: None)
+        write_archive(folder, tmp_path / "v1.scz")
+    write_archive(folder, tmp_path / "v2.scz")
+    assert (tmp_path / "v1.scz").read_bytes()[8] == 1 and (tmp_path / "v2.scz").read_bytes()[8] == 2
+    assert (tmp_path / "v2.scz").stat().st_size < (tmp_path / "v1.scz").stat().st_size
+    for name in ("v1", "v2"):
+        _same_tensors(model, artifact.load(read_archive(tmp_path / f"{name}.scz", tmp_path / name)).torch_model)

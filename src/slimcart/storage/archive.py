@@ -6,13 +6,14 @@ Layout (integers little-endian)::
 
     offset  size  field
     0       8     magic  b"\\x89SCZ\\r\\n\\x1a\\n"
-    8       2     u16    archive version (1)
+    8       2     u16    archive version (2; version 1 files, without per-tensor escapes and
+                         half-precision parts, are read too)
     10      4     u32    H, bytes of the compressed header
     14      4     u32    crc32 of those H bytes
     18      H     header: zlib-compressed UTF-8 JSON (below)
     18 + H  ...   the sections, back to back, in the order the header lists them; nothing after
 
-Header JSON: ``{"version": 1, "meta": slimcart.json of the folder (its "encoding" dropped),
+Header JSON: ``{"version": 2, "meta": slimcart.json of the folder (its "encoding" dropped),
 "weights": [tensor entry ...], "examples": [tensor entry ...], "files": [{"name", "section"}],
 "sections": [{"length", "crc32"}], "data_bytes": total bytes of the sections}``. A tensor entry
 is the entry of archive_codec.py (dtype, shape, kind, nnz, zlib) plus ``name`` and ``parts``:
@@ -43,7 +44,8 @@ from . import archive_codec, decode, encode
 from .sparse import encode_state as sparse_encode
 
 MAGIC = b"\x89SCZ\r\n\x1a\n"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
 PREFIX = struct.Struct("<8sHII")
 EXTRA_FILES = ("train.json",)
 
@@ -152,8 +154,9 @@ def _parse(path: Path) -> tuple[dict[str, Any], list[bytes]]:
     if len(blob) < PREFIX.size or blob[:8] != MAGIC:
         raise _fail(path, "wrong magic bytes: not a .scz archive")
     _, version, hlen, crc = PREFIX.unpack_from(blob)
-    if version != VERSION:
-        raise _fail(path, f"archive version {version}; this slimcart reads version {VERSION}")
+    if version not in READS:
+        raise _fail(path, f"archive version {version}; this slimcart reads versions "
+                          f"{', '.join(map(str, READS))}")
     packed = blob[PREFIX.size:PREFIX.size + hlen]
     if len(packed) < hlen:
         raise _fail(path, f"truncated: the header needs {hlen} bytes, the file ends after {len(packed)}")
