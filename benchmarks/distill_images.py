@@ -1,7 +1,9 @@
 """Distillation on real product photos (Grocery Store, 43 classes): the ImageNet-pretrained
 EfficientNet-Lite0 fine-tuned at 224 px is the teacher; the student is the same network with half of
-its channels removed (about 1/4 of the MACs), trained from the teacher's soft targets, next to the
-same student trained on the labels alone; all timed in one run against the teacher.
+its channels removed (--width 0.48: under 1/4 of the MACs), trained from the teacher's soft targets,
+next to the same student trained on the labels alone, and the stacked recipe
+product_image/distill-w48-static-int8 (the distilled student, exported, static INT8); all timed in
+one run against the teacher.
 
 Needs the photos in $SLIMCART_DATA_DIR/images/grocery-store (see ../shared/data/README.md).
 Writes benchmarks/results/distill_images.md. Run from the repository root."""
@@ -17,31 +19,43 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import markdown_table, run_section  # noqa: E402
 
-from slimcart.recipe import MeasureConfig, Recipe  # noqa: E402
+from slimcart.recipe import MeasureConfig, Recipe, shipped_recipes, technique_name  # noqa: E402
 
 
-def student_recipe(name: str, distilled: bool, width: float, epochs: float) -> Recipe:
-    stage = {"type": "distill", "student": {"width": width}, "epochs": epochs, "temperature": 4.0,
-             "alpha": 0.3 if distilled else 1.0}
-    return Recipe.from_dict({"name": name, "version": 1, "stages": [stage],
+STACKED = "product_image/distill-w48-static-int8"
+
+
+def student_recipe(name: str, distilled: bool, width: float, epochs: float, then: list | None = None) -> Recipe:
+    """The stacked recipe's distill stage at ``width`` / ``epochs`` (labels only: alpha 1), then ``then``."""
+    stacked = Recipe.load(shipped_recipes()[STACKED])
+    dump = lambda cfg: {"type": technique_name(cfg), **cfg.model_dump(exclude_defaults=True)}  # noqa: E731
+    stage = {**dump(stacked.stages[0]), "student": {"width": width}, "epochs": epochs}
+    if not distilled:
+        stage["alpha"] = 1.0
+    stages = [stage] + [dump(s) for s in (then or [])]
+    return Recipe.from_dict({"name": name, "version": 1, "stages": stages,
                              "description": ("student: channel-pruned teacher, " +
-                                             ("distilled from the teacher" if distilled else "labels only"))})
+                                             ("distilled from the teacher" if distilled else "labels only") +
+                                             (", exported, static INT8" if then else ""))})
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results/distill_images.md", type=Path)
     ap.add_argument("--runs", default="runs/bench", type=Path)
-    ap.add_argument("--width", default=0.5, type=float)
+    ap.add_argument("--width", default=0.48, type=float)
     ap.add_argument("--epochs", default=5.0, type=float)
     args = ap.parse_args()
     data = Path(os.environ.get("SLIMCART_DATA_DIR", "../shared/data")) / "images" / "grocery-store"
     if not data.is_dir():
         sys.exit(f"{data} not found: set SLIMCART_DATA_DIR to the folder holding images/grocery-store")
     t0 = time.time()
+    tag = f"w{round(args.width * 100)}"
     recipes = ["product_image/onnx",
-               student_recipe("distilled-w50", True, args.width, args.epochs),
-               student_recipe("labels-only-w50", False, args.width, args.epochs)]
+               student_recipe(f"distilled-{tag}", True, args.width, args.epochs),
+               student_recipe(f"labels-only-{tag}", False, args.width, args.epochs),
+               student_recipe(f"distilled-{tag}-static-int8", True, args.width, args.epochs,
+                              then=Recipe.load(shipped_recipes()[STACKED]).stages[1:])]
     measure = MeasureConfig(batch_sizes=[1, 64], runtimes=["torch", "onnxruntime"], deployed=False,
                             memory=False, throughput_seconds=0)
     text, res = run_section("product_image", str(data), recipes, args.runs, "distill", measure=measure)
