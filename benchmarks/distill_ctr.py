@@ -18,6 +18,7 @@ from common import baseline, markdown_table  # noqa: E402
 
 DATASETS = ["womens-reviews", "synthetic:rows=300000,fields=3,vocab=1000000"]
 QUICK = ["womens-reviews", "synthetic:rows=20000,fields=3,vocab=50000"]
+STACKED = "ctr/distill-dim4-int4-rows"
 MODES = {"labels only": dict(alpha=1.0),
          "pointwise": dict(alpha=0.5),
          "pointwise + pairwise": dict(alpha=0.5, ranking_loss=1.0)}
@@ -28,8 +29,13 @@ def section(dataset: str, shrink: int, seeds: list[int]) -> str:
 
     import slimcart as sc
     from slimcart import artifact
+    from slimcart import registry
     from slimcart.distill.technique import DistillConfig, distill
+    from slimcart.quantize.embedding_quant import embedding_bytes
+    from slimcart.recipe import Recipe, shipped_recipes, technique_name
     from slimcart.stage import ModelState, StageContext
+
+    then = Recipe.load(shipped_recipes()[STACKED]).stages[1:]   # the stacked recipe after its distill stage
 
     task = sc.load_task("ctr", dataset)
     teacher = baseline(task)
@@ -37,6 +43,7 @@ def section(dataset: str, shrink: int, seeds: list[int]) -> str:
     dim = spec["config"]["embed_dim"]
     epochs = task.train_config("full").epochs
     t_auc = task.evaluate(teacher, "test")["auc"]
+    t_emb = embedding_bytes(teacher)
     rows = []
 
     def saved_bytes(state, folder) -> int:
@@ -45,25 +52,32 @@ def section(dataset: str, shrink: int, seeds: list[int]) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         t_bytes = saved_bytes(ModelState.from_module(teacher, spec), Path(tmp) / "t")
-        for mode, extra in MODES.items():
+        for mode, extra in [*MODES.items(), (f"pointwise + pairwise, then int4 rows ({STACKED})", None)]:
+            stacked = extra is None
+            extra = MODES["pointwise + pairwise"] if stacked else extra
             aucs, t0 = [], time.time()
             for seed in seeds:
                 cfg = DistillConfig(student={"embed_dim": max(1, dim // shrink)}, epochs=epochs, temperature=1.0,
                                     seed=seed, **extra)
                 state = ModelState.from_module(copy.deepcopy(teacher), spec)
                 distill(state, cfg, StageContext(task, Path(tmp), progress=False))
+                for i, stage in enumerate(then if stacked else []):
+                    registry.get(technique_name(stage)).apply(state, stage, StageContext(task, Path(tmp), i + 1, False))
                 aucs.append(task.evaluate(state.torch_model, "test")["auc"])
-            s_bytes = saved_bytes(state, Path(tmp) / mode.replace(" ", "_").replace("+", "and"))
+            s_bytes = saved_bytes(state, Path(tmp) / f"student{len(rows)}")
             mean = float(np.mean(aucs))
             rows.append({"student training": mode, "embed dim": f"{dim} -> {max(1, dim // shrink)}",
                          "test AUC (mean)": f"{mean:.4f}",
                          "per seed": ", ".join(f"{a:.4f}" for a in aucs),
-                         "Δ AUC vs teacher": f"{mean - t_auc:+.4f}", "MB": f"{s_bytes / 1e6:.2f}",
+                         "Δ AUC vs teacher": f"{mean - t_auc:+.4f}",
+                         "embedding bytes": f"{embedding_bytes(state.torch_model):,} "
+                                            f"({t_emb / embedding_bytes(state.torch_model):.1f}x smaller)",
+                         "MB": f"{s_bytes / 1e6:.2f}",
                          "smaller": f"{t_bytes / s_bytes:.1f}x", "train s": f"{(time.time() - t0) / len(seeds):.0f}"})
             print(rows[-1], flush=True)
     ctr = f" (planted ceiling {task.info['ceiling_auc']:.4f})" if "ceiling_auc" in task.info else ""
     return (f"### ctr / {dataset}\n\nTeacher: DeepFM, embed dim {dim}, test AUC {t_auc:.4f}{ctr}, "
-            f"{t_bytes / 1e6:.2f} MB; {task.describe()['rows']['train']:,} training rows. Students: the same "
+            f"{t_bytes / 1e6:.2f} MB ({t_emb:,} bytes of embedding tables); {task.describe()['rows']['train']:,} training rows. Students: the same "
             f"MLP, {epochs:g} epochs, the task's optimizer; seeds {seeds}.\n\n" + markdown_table(rows) + "\n")
 
 
