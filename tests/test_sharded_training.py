@@ -172,8 +172,12 @@ def test_torchrun_two_ranks_then_evaluate_the_checkpoint_in_one_process(tmp_path
     assert len(epoch["peak_rss_bytes"]) == 2 and min(epoch["peak_rss_bytes"]) > 10 * 2**20
     assert [r["table_bytes"] for r in summary["ranks"]] == summary["plan_rank_bytes"]
     assert sorted(p.name for p in (out / "checkpoint").iterdir()) == [
-        "config.json", "dense.safetensors", "plan.json",
+        "config.json", "dense.safetensors", "last", "plan.json",
         "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+    assert sorted(p.name for p in (out / "checkpoint" / "last").iterdir()) == [   # the training state
+        "config.json", "dense.safetensors", "optimizer-00000-of-00002.safetensors",
+        "optimizer-00001-of-00002.safetensors", "optimizer-dense.safetensors", "plan.json",
+        "shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors", "trainer.json"]
     # The 2-rank checkpoint, loaded and scored by one process (this one: no RANK in its environment).
     monkeypatch.delenv("RANK", raising=False)
     capsys.readouterr()

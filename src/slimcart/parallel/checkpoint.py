@@ -1,9 +1,17 @@
 """Checkpoints of a sharded DeepFM: one safetensors file per rank with its rows, the replicated
 layers, the plan and the model config beside them. A checkpoint saved from N ranks loads into
-any number of ranks: each rank reads just the row ranges its new plan gives it."""
+any number of ranks: each rank reads just the row ranges its new plan gives it.
+
+A training state (``save_training_state``) is such a checkpoint plus the optimizers: the row-wise
+Adagrad accumulators, one file per rank, split like the rows (so they reshard the same way), the
+dense layers' AdamW moments, and the trainer's counters (``trainer.json``). It is written to
+``DIR.next`` and swapped in when every rank has written, so a run killed while saving keeps the
+previous state."""
 from __future__ import annotations
 
 import contextlib
+import json
+import shutil
 from pathlib import Path
 from typing import Mapping
 
@@ -18,11 +26,16 @@ from .deepfm import PREFIXES, ShardedDeepFM
 from .plan import ShardingPlan
 
 PLAN, CONFIG, DENSE = "plan.json", "config.json", "dense.safetensors"
+OPTIMIZER_DENSE, TRAINER = "optimizer-dense.safetensors", "trainer.json"
 TABLE_PREFIXES = tuple(f"{p}." for p in PREFIXES)
 
 
 def shard_file(rank: int, world_size: int) -> str:
     return f"shard-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def optimizer_file(rank: int, world_size: int) -> str:
+    return f"optimizer-{rank:05d}-of-{world_size:05d}.safetensors"
 
 
 def save_sharded(module: ShardedDeepFM, directory: str | Path) -> Path:
@@ -123,6 +136,12 @@ def _open_directory(d: Path, files: contextlib.ExitStack):
                          f"{', '.join(missing) or DENSE}.",
                          f"Copy all {saved.world_size} rank files and {DENSE} into {d}.")
     cfg = DeepFMConfig.model_validate_json((d / CONFIG).read_text())
+    return saved, cfg, load_file(str(d / DENSE)), _row_reader(d, saved, names, files)
+
+
+def _row_reader(d: Path, saved: ShardingPlan, names: list[str], files: contextlib.ExitStack):
+    """``read(table, start, end)``: rows start:end of a table whose shards lie in the per-rank
+    files ``names`` (model rows or optimizer accumulators), split as the ``saved`` plan says."""
     handles = [files.enter_context(safe_open(str(d / n), framework="pt")) for n in names]
 
     def read(name: str, start: int, end: int) -> torch.Tensor:
@@ -141,7 +160,75 @@ def _open_directory(d: Path, files: contextlib.ExitStack):
                              "Make the plan from the saved model (see config.json).")
         return rows
 
-    return saved, cfg, load_file(str(d / DENSE)), read
+    return read
+
+
+def save_training_state(module: ShardedDeepFM, table_opt, dense_opt, directory: str | Path,
+                        trainer: dict) -> Path:
+    """The model, both optimizers and ``trainer`` (JSON) in ``directory``; call on every rank."""
+    tables = module.tables
+    rank, world, group = tables.rank, tables.plan.world_size, tables.group
+    out = Path(directory)
+    nxt, old = out.with_name(out.name + ".next"), out.with_name(out.name + ".old")
+    if rank == 0:
+        shutil.rmtree(nxt, ignore_errors=True)
+    dist.barrier(group=group)
+    save_sharded(module, nxt)
+    acc = {n: table_opt.state[p]["sum"].detach().cpu().reshape(-1, 1).contiguous()
+           for n, p in tables.local_shards().items()}
+    save_file(acc, str(nxt / optimizer_file(rank, world)))
+    if rank == 0:
+        sd = dense_opt.state_dict()
+        moments = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items()
+                   for k, v in st.items() if torch.is_tensor(v)}
+        save_file(moments, str(nxt / OPTIMIZER_DENSE))
+        (nxt / TRAINER).write_text(json.dumps({**trainer, "world_size": world,
+                                               "dense_param_groups": sd["param_groups"]}, indent=1))
+    dist.barrier(group=group)
+    if rank == 0:
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        nxt.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier(group=group)
+    return out
+
+
+def load_training_state(directory: str | Path, module: ShardedDeepFM, table_opt, dense_opt) -> dict:
+    """Put a ``save_training_state`` directory (from any number of ranks) into ``module`` and the
+    optimizers on this rank's plan; returns the trainer's counters. Call on every rank."""
+    d = Path(directory)
+    if not (d / TRAINER).is_file():
+        raise UsageError(f"No training state to resume from in {d} (no {TRAINER}).",
+                         "Resume a run that saved at least one epoch there, or start without resume.")
+    trainer = json.loads((d / TRAINER).read_text())
+    tables = module.tables
+    device = module.bias.device
+    fresh = load_sharded(d, tables.plan, group=tables.group, cfg=module.config)
+    module.load_state_dict(fresh.to(device).state_dict())
+    saved = ShardingPlan.from_json(d / PLAN)
+    names = [optimizer_file(r, saved.world_size) for r in range(saved.world_size)]
+    missing = [n for n in names if not (d / n).is_file()] + [n for n in (OPTIMIZER_DENSE,) if not (d / n).is_file()]
+    if missing:
+        raise UsageError(f"The training state {d} lacks {', '.join(missing)}.",
+                         "Copy every rank's files into it, or start without resume.")
+    with contextlib.ExitStack() as files:
+        read = _row_reader(d, saved, names, files)
+        for name, p in tables.local_shards().items():
+            start, end = tables.plan.tables[name].local_rows(tables.rank)
+            table_opt.state[p]["sum"].copy_(read(name, start, end).reshape(-1).to(device))
+    moments = load_file(str(d / OPTIMIZER_DENSE))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = value.to(device) if k != "step" else value
+    try:
+        dense_opt.load_state_dict({"state": state, "param_groups": trainer["dense_param_groups"]})
+    except (ValueError, KeyError) as exc:
+        raise ModelError(f"The optimizer state in {d} does not fit this model's dense layers: {exc}",
+                         "Resume with the settings the run was started with.") from None
+    return trainer
 
 
 def _config_from_state(state: Mapping[str, torch.Tensor]) -> DeepFMConfig:

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None, help="Table data: the label column.")
     p.add_argument("--out", default=None, help="Folder for the checkpoint and summary.json (needed to train).")
     p.add_argument("--overwrite", action="store_true", help="Replace OUT if it holds files.")
+    p.add_argument("--resume", action="store_true",
+                   help="Continue the run in OUT from its last saved epoch (on any number of ranks).")
     p.add_argument("--epochs", type=int, default=2, help="Most epochs (default 2).")
     p.add_argument("--patience", type=int, default=1, help="Stop after this many epochs without a "
                    "better val AUC (default 1).")
@@ -110,8 +112,14 @@ def _check_args(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file.", "Give a folder path.")
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"--out {out} already holds files.", "Pass --overwrite to replace them, or pick another folder.")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other.", "Pass one of them.")
+    if args.resume and not (out / CHECKPOINT / "last" / "trainer.json").is_file():
+        raise UsageError(f"--resume: {out} holds no saved training state ({CHECKPOINT}/last/trainer.json).",
+                         "Point --out to the folder of an interrupted run, or start without --resume.")
+    if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
+        raise UsageError(f"--out {out} already holds files.",
+                         "Pass --overwrite to replace them, --resume to continue that run, or pick another folder.")
     if args.device == "cuda":
         import torch
 
@@ -200,7 +208,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr,
                            weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
                            checkpoint_dir=ckpt, eval_batch_size=args.eval_batch_size,
-                           metrics=task.metrics, max_steps=args.max_steps, log=say)
+                           metrics=task.metrics, max_steps=args.max_steps, log=say, resume=args.resume)
     test = evaluate_sharded(model, *_split(task, "test"), batch_size=args.eval_batch_size, metrics=task.metrics)
     summary = {"mode": "train", "dataset": args.dataset, "world_size": world, "backend": dist.get_backend(),
                "device": str(args.torch_device), "config": cfg.model_dump(mode="json"),

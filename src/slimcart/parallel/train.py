@@ -32,11 +32,13 @@ import torch.nn.functional as F
 
 from ..errors import SlimcartError, UsageError
 from ..models.deepfm import DeepFM, DeepFMConfig
-from .checkpoint import load_sharded, save_sharded
+from .checkpoint import load_sharded, load_training_state, save_sharded, save_training_state
 from .deepfm import PREFIXES, ShardedDeepFM
 from .grads import sync_grads
 from .plan import ShardingPlan
 from .sharded import ShardedEmbeddingCollection
+
+LAST = "last"  # the training state, under checkpoint_dir
 
 INIT_BLOCK_ROWS = 4096  # the tables are initialised in blocks of rows, each from its own seed
 EMBED_INIT_STD = 0.01  # as DeepFM: embeddings ~ N(0, 0.01), first-order (linear) tables at 0
@@ -314,7 +316,7 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
                   weight_decay: float = 0.0, patience: int = 1, seed: int = 0,
                   checkpoint_dir: str | Path | None = None, eval_batch_size: int = 4096,
                   metrics: Callable | None = None, max_steps: int | None = None,
-                  log: Callable[[str], None] | None = print) -> TrainResult:
+                  log: Callable[[str], None] | None = print, resume: bool = False) -> TrainResult:
     """Train ``model`` on every rank of its process group; call it on every rank with the same
     arguments (the full train and val splits as ``(inputs, labels)``; each rank reads its slice).
 
@@ -324,6 +326,12 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     ``save_sharded`` (one file per rank + plan + config) at every better epoch, and at the end the
     model is put back to that best epoch; without it, the last epoch's weights are kept.
     ``log`` gets one line per epoch on rank 0 (None: silent). ``max_steps`` caps the steps per epoch.
+
+    With ``checkpoint_dir``, every epoch also saves the training state (weights, the tables'
+    Adagrad accumulators, AdamW's moments, the counters) to ``checkpoint_dir/last``;
+    ``resume=True`` continues from it, on any number of ranks (rows and accumulators are re-split),
+    from the epoch after the saved one. Each epoch seeds torch from (seed, epoch, rank), so on the
+    same number of ranks a resumed run repeats the uninterrupted one exactly.
     """
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                              ("patience", patience, 1), ("eval_batch_size", eval_batch_size, 1)):
@@ -348,8 +356,27 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     table_bytes = model.tables.local_bytes()
     steps = math.ceil(n / batch_size) if max_steps is None else min(max_steps, math.ceil(n / batch_size))
     result = TrainResult(model=model, checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
-    best, waited = -math.inf, 0
-    for epoch in range(1, epochs + 1):
+    best, waited, first = -math.inf, 0, 1
+    if resume:
+        if checkpoint_dir is None:
+            raise UsageError("resume=True needs the checkpoint_dir the interrupted run saved to.")
+        saved = load_training_state(Path(checkpoint_dir) / LAST, model, table_opt, dense_opt)
+        changed = {k: (saved.get(k), v) for k, v in (("batch_size", batch_size), ("seed", seed))
+                   if saved.get(k) != v}
+        if changed:
+            raise UsageError(f"The run in {checkpoint_dir} was started with other settings: "
+                             + ", ".join(f"{k} {a} (now {b})" for k, (a, b) in changed.items()) + ".",
+                             "Resume with the settings it was started with.")
+        best, waited, first = saved["best"], saved["waited"], saved["epoch"] + 1
+        result.best_epoch, result.best_val_auc = saved["best_epoch"], saved["best_val_auc"]
+        result.epochs = list(saved["epochs"])
+        if saved.get("stopped"):
+            first = epochs + 1
+            result.stopped_early = True
+        if log is not None and rank == 0:
+            log(f"resuming after epoch {saved['epoch']} (saved from {saved['world_size']} rank(s), now {world})")
+    for epoch in range(first, epochs + 1):
+        torch.manual_seed(seed * 1_000_003 + 7919 * epoch + rank)  # dropout: the same on a resumed run
         model.train()
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -397,6 +424,11 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
         result.epochs.append(row)
         result.ranks = [{"rank": r, "peak_rss_bytes": v[0], "table_bytes": v[1], "optimizer_state_bytes": v[2]}
                         for r, v in enumerate(per_rank)]
+        if checkpoint_dir is not None:
+            save_training_state(model, table_opt, dense_opt, Path(checkpoint_dir) / LAST, {
+                "epoch": epoch, "best": best, "waited": waited, "best_epoch": result.best_epoch,
+                "best_val_auc": result.best_val_auc, "epochs": result.epochs, "batch_size": batch_size,
+                "seed": seed, "stopped": stop and epoch < epochs})
         if log is not None and rank == 0:
             log(f"epoch {epoch}: train loss {row['train_loss']:.4f}  val AUC {row['val_auc']:.4f}  "
                 f"{seconds:.1f} s  {row['samples_per_s']:.0f} samples/s  peak RSS "
