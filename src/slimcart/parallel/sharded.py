@@ -58,13 +58,49 @@ class ShardedEmbeddingCollection(nn.Module):
                                  "Make the plan from the same model (deepfm_tables / plan_tables).")
             w = w[start:end] if full else w
             self.shards[_key(name)] = nn.Parameter(w.detach().to(device=device, dtype=self.dtype).clone())
+        self.quantized = nn.ModuleDict()  # table -> QuantEmbedding of this rank's rows (quantize_)
 
     def local_shards(self) -> dict[str, nn.Parameter]:
-        """Table name -> the rows this rank holds (see ``plan.tables[name].local_rows``)."""
+        """Table name -> the float rows this rank holds (see ``plan.tables[name].local_rows``)."""
+        if len(self.quantized):
+            raise UsageError("The tables of this collection are quantized (quantize_): they serve lookups "
+                             "but hold no float rows to train, gather or checkpoint.",
+                             "Save or gather the model before quantizing it.")
         return {n: self.shards[_key(n)] for n in self.tables if _key(n) in self.shards}
 
     def local_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.shards.values())
+        return (sum(p.numel() * p.element_size() for p in self.shards.values())
+                + sum(q.nbytes() for q in self.quantized.values()))
+
+    def quantize_(self, bits: int = 4, scale_dtype: str = "float16", search: str = "mse",
+                  tables: list[str] | None = None) -> dict[str, tuple[int, int]]:
+        """Replace this rank's float rows of ``tables`` (default: all) by row-wise ``bits``-bit codes
+        with a scale and bias per row (slimcart.models.quant_embedding), for sharded serving:
+        each rank dequantizes the rows it is asked for and sends floats back. With float16 or float32
+        scales every row is quantized on its own, so the rows equal those of the unsharded table
+        quantized the same way; "log8" fits its scale grid to each shard's rows. Returns table ->
+        (bytes before, bytes after) on this rank. Call on every rank; no gradients afterwards."""
+        from ..models.quant_embedding import QuantEmbedding
+
+        chosen = self.tables if tables is None else tables
+        unknown = [t for t in chosen if t not in self.tables]
+        if unknown:
+            raise UsageError(f"quantize_: tables {unknown} are not in this collection.",
+                             f"Its tables: {', '.join(self.tables)}.")
+        done = {}
+        for name in chosen:
+            key = _key(name)
+            if key not in self.shards:
+                continue
+            w = self.shards[key]
+            try:
+                q = QuantEmbedding.from_float(w.detach(), bits, scale_dtype, search=search)
+            except ValueError as exc:
+                raise UsageError(f"quantize_ table {name!r}: {exc}") from None
+            done[name] = (w.numel() * w.element_size(), q.nbytes())
+            self.quantized[key] = q.to(w.device)
+            del self.shards[key]
+        return done
 
     def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """ids [B, len(tables)] (column i indexes table i) -> table name -> rows [B, dim]."""
@@ -159,6 +195,9 @@ class ShardedEmbeddingCollection(nn.Module):
             n = [came[s][t] for s in range(world)]
             if sum(n):
                 rows = torch.cat([pieces[s * slots + t] for s in range(world)])
+                if _key(name) in self.quantized:
+                    found[t] = self.quantized[_key(name)].lookup(rows).to(self.dtype).split(n)
+                    continue
                 # sparse=True: the backward pass touches only the rows read, not the whole shard
                 found[t] = F.embedding(rows, self.shards[_key(name)], sparse=True).split(n)
         flat = [found[t][s].reshape(-1) for s in range(world) for t in range(slots) if t in found]
