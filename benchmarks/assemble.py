@@ -8,7 +8,8 @@ from slimcart.pipeline import environment
 
 ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md",
          "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "int8_cpu_xeon_t2.md", "int8_cpu_xeon_t8.md", "quant_intent.md", "weight_only.md",
-         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "distill_ctr.md", "gpu.md"]
+         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "distill_ctr.md", "distill_images.md",
+         "gpu.md"]
 HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 
 
@@ -22,7 +23,8 @@ def main() -> None:
         "`python benchmarks/pruning.py`, `python benchmarks/embedding_rows.py`, `python benchmarks/graph_opt.py`, "
         "`python benchmarks/runtimes.py`, `python benchmarks/serving.py`, `python benchmarks/static_int8.py`, "
         "`python benchmarks/quant_intent.py`, `python benchmarks/weight_only.py`, `python benchmarks/embedding_quant.py`, "
-        "`python benchmarks/deep_compression.py`, `python benchmarks/distill_intent.py`, `python benchmarks/distill_ctr.py`, then "
+        "`python benchmarks/deep_compression.py`, `python benchmarks/distill_intent.py`, `python benchmarks/distill_ctr.py`, "
+        "`python benchmarks/distill_images.py` (needs the Grocery Store photos), then "
         "`python benchmarks/assemble.py` (or `make bench`).\n",
         "How to read: every cell is measured, never estimated. Size is the bytes of the saved artifact "
         "(weights file + JSON spec); `Served MB` is, per runtime, the artifact that runtime serves (a "
@@ -42,6 +44,11 @@ def main() -> None:
         "test split before variants are chosen). For banking77 a batch of 32 is padded to 55 tokens "
         "(tables before this version timed test rows padded to 24), which is most of why its batch-32 "
         "latencies are ~3x the earlier ones.\n",
+        "The 2-core machines these sections ran on were not all the same CPU: the sections dated "
+        "2026-12-03 (quant_intent, deep_compression, distill_*) ran on an Intel Xeon with AVX-512 VNNI "
+        "and AMX-INT8, where ONNX Runtime's int8 matmuls are 4x its fp32 ones; earlier sections ran on "
+        "machines whose int8 features each section names where they matter (static_int8: AVX2 only, "
+        "int8 matmuls 1.5x fp32). Compare ratios within a section, never across CPUs.\n",
         "Two kinds of section come from another machine, and say so with its description: "
         "`int8_cpu_xeon_*` (the static INT8 artifacts of this file, rerun on a 16-core Xeon with AVX-512 "
         "VNNI and AMX: `python benchmarks/int8_cpu.py .gpu`) and `gpu.md` (one NVIDIA H200: "
