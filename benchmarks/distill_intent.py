@@ -48,7 +48,18 @@ def headline(res) -> str:
             "(interleaved rounds).\n\n" + markdown_table(rows) + "\n")
 
 
-def students(task, teacher, layers, epochs: float) -> str:
+def old_rows(head: str) -> list[dict]:
+    """The rows of an earlier "What distillation adds" table in ``head`` (to keep the sizes not rerun)."""
+    if "### What distillation adds" not in head:
+        return []
+    lines = [ln for ln in head.split("### What distillation adds", 1)[1].splitlines() if ln.startswith("|")]
+    if len(lines) < 3:
+        return []
+    keys = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(keys, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def students(task, teacher, layers, epochs: float, keep: list[dict] | None = None) -> str:
     from slimcart.distill.technique import DistillConfig, distill
     from slimcart.stage import ModelState, StageContext
 
@@ -70,6 +81,8 @@ def students(task, teacher, layers, epochs: float) -> str:
                          f"test {m}": f"{test:.4f}", "Δ vs teacher (pts)": f"{(test - t_test) * 100:+.2f}",
                          "parameters": f"{rep.stats['params_student']:,}", "train s": f"{time.time() - t0:.0f}"})
             print(rows[-1], flush=True)
+    rows += [r for r in keep or [] if int(r["layers"]) not in layers]
+    rows.sort(key=lambda r: (int(r["layers"]), r["training"] != "distilled"))
     return (f"Students initialised from the teacher's layers (evenly spaced, ending with the last), word "
             f"embeddings frozen, {epochs:g} epochs each; 'distilled': alpha 0.5, T 2, hidden-state MSE and "
             f"MiniLM attention relations; 'task loss only': the same student and budget with the labels "
@@ -84,12 +97,16 @@ def main() -> None:
     ap.add_argument("--epochs", default=4.0, type=float)
     import slimcart as sc
 
-    ap.add_argument("--table-only", action="store_true", help="add the students table to the existing --out")
+    ap.add_argument("--table-only", action="store_true",
+                    help="(re)measure the students of --layers in the existing --out's table, keeping its other rows")
     args = ap.parse_args()
     t0 = time.time()
+    keep = []
     if args.table_only:
         head, text = args.out.read_text().split("### intent / banking77", 1)
-        text = "### intent / banking77" + text
+        text = "### intent / banking77" + text.split("\n_Total run time:")[0].rstrip() + "\n"
+        keep = old_rows(head)
+        head = head.split("### What distillation adds", 1)[0]
     else:
         measure = MeasureConfig(batch_sizes=[1, 32], runtimes=["torch", "onnxruntime"], deployed=False,
                                 memory=False, throughput_seconds=0)
@@ -99,7 +116,7 @@ def main() -> None:
         args.out.write_text(head + text)
     if args.layers:
         task = sc.load_task("intent", "banking77")
-        table = students(task, baseline(task), [int(k) for k in args.layers.split(",")], args.epochs)
+        table = students(task, baseline(task), [int(k) for k in args.layers.split(",")], args.epochs, keep)
         args.out.write_text(head + "### What distillation adds\n\n" + table + "\n" + text
                             + f"\n_Total run time: {time.time() - t0:.0f} s._\n")
     print(f"wrote {args.out}")
