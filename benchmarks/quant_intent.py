@@ -86,8 +86,8 @@ def roofline_section(task, res, run_dir: Path) -> str:
     ops = profiles[REFERENCE]["ms"]
     kept = roofline.MATMUL_OPS | roofline.ATTENTION_OPS | roofline.QUANT_OPS
     top = ", ".join([f"{k} {v:.1f}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1]) if k not in kept][:6])
-    best = max((v for v in r.variants if v.name != "baseline" and "onnxruntime" in v.latency_ms),
-               key=lambda v: -v.latency_ms["onnxruntime"]["32"].p50)
+    best = min((v for v in r.variants if v.name != "baseline" and "onnxruntime" in v.latency_ms),
+               key=lambda v: v.latency_ms["onnxruntime"]["32"].p50)
     x_best = (next(v for v in r.variants if v.name == REFERENCE).latency_ms["onnxruntime"]["32"].p50
               / best.latency_ms["onnxruntime"]["32"].p50)
     kernels = "; ".join(f"{roofline.KERNELS[k]} {rates[k]:.0f} {'GFLOP/s' if k == 'fp32' else 'GOP/s'}"

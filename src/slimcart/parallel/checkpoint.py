@@ -27,6 +27,7 @@ from .plan import ShardingPlan
 
 PLAN, CONFIG, DENSE = "plan.json", "config.json", "dense.safetensors"
 OPTIMIZER_DENSE, TRAINER = "optimizer-dense.safetensors", "trainer.json"
+LAST = "last"  # the training state, under a training run's checkpoint directory
 TABLE_PREFIXES = tuple(f"{p}." for p in PREFIXES)
 
 
@@ -209,7 +210,7 @@ def load_training_state(directory: str | Path, module: ShardedDeepFM, table_opt,
     module.load_state_dict(fresh.to(device).state_dict())
     saved = ShardingPlan.from_json(d / PLAN)
     names = [optimizer_file(r, saved.world_size) for r in range(saved.world_size)]
-    missing = [n for n in names if not (d / n).is_file()] + [n for n in (OPTIMIZER_DENSE,) if not (d / n).is_file()]
+    missing = [n for n in (*names, OPTIMIZER_DENSE) if not (d / n).is_file()]
     if missing:
         raise UsageError(f"The training state {d} lacks {', '.join(missing)}.",
                          "Copy every rank's files into it, or start without resume.")

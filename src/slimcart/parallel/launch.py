@@ -114,9 +114,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {out} is a file.", "Give a folder path.")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other.", "Pass one of them.")
-    if args.resume and not (out / CHECKPOINT / "last" / "trainer.json").is_file():
-        raise UsageError(f"--resume: {out} holds no saved training state ({CHECKPOINT}/last/trainer.json).",
-                         "Point --out to the folder of an interrupted run, or start without --resume.")
+    if args.resume:
+        from .checkpoint import LAST, TRAINER
+
+        if not (out / CHECKPOINT / LAST / TRAINER).is_file():
+            raise UsageError(f"--resume: {out} holds no saved training state ({CHECKPOINT}/{LAST}/{TRAINER}).",
+                             "Point --out to the folder of an interrupted run, or start without --resume.")
     if out.is_dir() and any(out.iterdir()) and not (args.overwrite or args.resume):
         raise UsageError(f"--out {out} already holds files.",
                          "Pass --overwrite to replace them, --resume to continue that run, or pick another folder.")

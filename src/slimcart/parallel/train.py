@@ -32,13 +32,11 @@ import torch.nn.functional as F
 
 from ..errors import SlimcartError, UsageError
 from ..models.deepfm import DeepFM, DeepFMConfig
-from .checkpoint import load_sharded, load_training_state, save_sharded, save_training_state
+from .checkpoint import LAST, load_sharded, load_training_state, save_sharded, save_training_state
 from .deepfm import PREFIXES, ShardedDeepFM
 from .grads import sync_grads
 from .plan import ShardingPlan
 from .sharded import ShardedEmbeddingCollection
-
-LAST = "last"  # the training state, under checkpoint_dir
 
 INIT_BLOCK_ROWS = 4096  # the tables are initialised in blocks of rows, each from its own seed
 EMBED_INIT_STD = 0.01  # as DeepFM: embeddings ~ N(0, 0.01), first-order (linear) tables at 0

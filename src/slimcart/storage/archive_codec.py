@@ -94,30 +94,33 @@ def encode_tensor(t: torch.Tensor) -> tuple[dict[str, Any], dict[str, bytes]]:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype} cannot be archived")
     u = bit_patterns(t)
-    options: dict[str, dict[str, bytes]] = {"raw": {"raw": _le(u)}}
+    # byte parts stay arrays of bit patterns until packed (half precision, zlib); Huffman parts are bytes
+    options: dict[str, dict[str, np.ndarray | bytes]] = {"raw": {"raw": u}}
     mask = u != 0
     nnz = int(mask.sum())
     gaps, escape = None, ESCAPE
     if len(u) and nnz < len(u):
         gaps, escape = _best_gaps(mask)
-        options["sparse"] = {"gaps": gaps, "values": _le(u[mask])}
+        options["sparse"] = {"gaps": gaps, "values": u[mask]}
     got = _distinct(u)
     if got is not None:
         values, inverse = got
-        options["shared"] = {"codebook": _le(values), "indices": huffman.encode(inverse)}
+        options["shared"] = {"codebook": values, "indices": huffman.encode(inverse)}
         if gaps is not None:
             nz = values != 0
             remap = np.cumsum(nz) - 1
-            options["shared_sparse"] = {"gaps": gaps, "codebook": _le(values[nz]),
+            options["shared_sparse"] = {"gaps": gaps, "codebook": values[nz],
                                         "indices": huffman.encode(remap[inverse[mask]])}
     packed: dict[str, tuple[dict[str, bytes], list[str], dict[str, str]]] = {}
     for kind, parts in options.items():
         squeezed, zipped, halved = {}, [], {}
         for name, data in parts.items():
-            if name in ("raw", "values", "codebook") and dtype == "float32":
-                half = _halve(np.frombuffer(data, dtype=np.dtype(u.dtype).newbyteorder("<")).astype(u.dtype))
+            if isinstance(data, np.ndarray):
+                half = _halve(data) if dtype == "float32" else None
                 if half is not None:
                     data, halved[name] = half
+                else:
+                    data = _le(data)
                 z = zlib.compress(data, 9)
                 if len(z) < len(data):
                     data, zipped = z, [*zipped, name]
@@ -141,6 +144,9 @@ def decode_tensor(entry: dict[str, Any], parts: dict[str, bytes]) -> torch.Tenso
     n = prod(shape)
     size = torch.empty((), dtype=dtype).element_size()
     ut = np.dtype(_UNSIGNED[size]).newbyteorder("<")
+    halves = entry.get("half", {})
+    if not isinstance(halves, dict):
+        raise ValueError(f"bad half entry {halves!r}")
     data = {}
     for name, blob in parts.items():
         if name in entry.get("zlib", []):
@@ -148,9 +154,6 @@ def decode_tensor(entry: dict[str, Any], parts: dict[str, bytes]) -> torch.Tenso
                 blob = zlib.decompress(blob)
             except zlib.error as exc:
                 raise ValueError(f"part {name}: {exc}") from None
-        halves = entry.get("half", {})
-        if not isinstance(halves, dict):
-            raise ValueError(f"bad half entry {halves!r}")
         if name in halves:
             if entry.get("dtype") != "float32":
                 raise ValueError(f"part {name} is stored as half floats but the tensor is {entry.get('dtype')}")
