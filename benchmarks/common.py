@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: trained baselines cached on disk, and table formatting."""
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -15,7 +16,9 @@ CACHE = Path("runs/bench/models")
 def baseline(task, budget: str = "full", cache: Path = CACHE):
     """The task's trained baseline, trained once and reused by every benchmark script."""
     key = "".join(c if c.isalnum() or c in "-_" else "_" for c in task.dataset)
-    folder = cache / f"{task.name}-{key}-{budget}"
+    # the training settings are part of the key: a changed baseline recipe trains anew
+    settings = hashlib.sha256(task.train_config(budget).model_dump_json().encode()).hexdigest()[:8]
+    folder = cache / f"{task.name}-{key}-{budget}-{settings}"
     if (folder / "slimcart.json").is_file():
         return load_trained(folder, task)
     model = task.train_baseline(budget)

@@ -80,7 +80,14 @@ class Callback:
     def on_start(self, trainer: "Trainer") -> None: ...
     def on_batch_start(self, trainer: "Trainer", batch_inputs: tuple[Tensor, ...]) -> None: ...
     def on_step_end(self, trainer: "Trainer") -> None: ...   # after optimizer and scheduler step
+    def on_epoch_end(self, trainer: "Trainer") -> None: ...  # after the last step of a whole epoch
     def on_end(self, trainer: "Trainer") -> None: ...
+
+    # What a checkpoint keeps of the callback, to resume it (tensors and JSON values).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class AfterStep(Callback):
@@ -93,17 +100,95 @@ class AfterStep(Callback):
         self.fn(trainer.model)
 
 
+class EarlyStopping(Callback):
+    """Scores the validation split after every whole epoch; asks the trainer to stop after
+    ``patience`` epochs without a better primary metric, and puts the best epoch's weights back
+    at the end. ``history`` holds each epoch's score."""
+
+    def __init__(self, task: Task, patience: int):
+        self.task, self.patience = task, patience
+        self.best: float | None = None
+        self.best_epoch, self.waited, self.stopped = 0, 0, False
+        self.history: list[float] = []
+        self.weights: dict[str, Tensor] | None = None
+
+    def _better(self, value: float) -> bool:
+        if self.best is None or math.isnan(self.best):
+            return not math.isnan(value) or self.best is None
+        return value > self.best if self.task.higher_is_better else value < self.best
+
+    def on_start(self, trainer: "Trainer") -> None:
+        if self.stopped:  # resumed from the checkpoint of a run that had stopped
+            trainer.should_stop = True
+
+    def on_epoch_end(self, trainer: "Trainer") -> None:
+        value = float(self.task.evaluate(trainer.model, "val")[self.task.primary_metric])
+        trainer.model.train()
+        self.history.append(value)
+        epoch = len(self.history)
+        if self._better(value):
+            self.best, self.best_epoch, self.waited = value, epoch, 0
+            self.weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+        else:
+            self.waited += 1
+            if self.waited >= self.patience:
+                self.stopped = trainer.should_stop = True
+
+    def on_end(self, trainer: "Trainer") -> None:
+        if self.weights is not None and self.best_epoch != len(self.history):
+            trainer.model.load_state_dict(self.weights)
+
+    def record(self) -> dict[str, Any]:
+        return {"val_history": self.history, "best_epoch": self.best_epoch, "best_val": self.best,
+                "stopped_early": self.stopped, "patience": self.patience}
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"json": {"best": self.best, "best_epoch": self.best_epoch,
+                                          "waited": self.waited, "stopped": self.stopped,
+                                          "history": self.history}}
+        if self.weights is not None:
+            state["tensors"] = self.weights
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        j = state.get("json", {})
+        self.best, self.best_epoch = j.get("best"), int(j.get("best_epoch", 0))
+        self.waited, self.stopped = int(j.get("waited", 0)), bool(j.get("stopped", False))
+        self.history = list(j.get("history", []))
+        self.weights = state.get("tensors") or None
+
+
+def make_optimizer(task: Task, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``task.param_groups``; with ``cfg.table_optimizer == "rowwise_adagrad"`` the
+    plain embedding weights move to one row-wise Adagrad group at ``cfg.table_lr``."""
+    groups = task.param_groups(model, cfg)
+    if cfg.table_optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
+    from .optim import TablesAndAdamW, table_parameters
+
+    tables = table_parameters(model)
+    ids = {id(p) for p in tables}
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+    rest = [g for g in rest if g["params"]]
+    rows = [{"params": tables, "lr": cfg.table_lr or 0.05, "rows": True}] if tables else []
+    return TablesAndAdamW(rest + rows, weight_decay=cfg.weight_decay)
+
+
 class Trainer:
     def __init__(self, task: Task, model: nn.Module, cfg: TrainConfig, *,
                  terms: Sequence[LossTerm] | None = None, callbacks: Sequence[Callback] = (),
                  capture: Sequence[str] = (), checkpoint_dir: Path | str | None = None,
                  checkpoint_every: int = 0, progress: bool = True, desc: str = "train"):
         self.task, self.model, self.cfg = task, model, cfg
-        self.terms = list(terms) if terms else [TaskLoss(task)]
+        self.terms = list(terms) if terms else task.default_terms(model, cfg)
         names = [t.name for t in self.terms]
         if len(set(names)) != len(names):
             raise UsageError(f"Loss term names must be unique; got {names}.")
         self.callbacks, self.progress, self.desc = list(callbacks), progress, desc
+        self.early = EarlyStopping(task, cfg.patience) if cfg.patience else None
+        if self.early is not None:
+            self.callbacks.append(self.early)
+        self.should_stop = False
         modules = dict(model.named_modules())
         for name in capture:
             if name not in modules:
@@ -118,8 +203,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.rows / cfg.batch_size)
         total = math.ceil(cfg.epochs * self.steps_per_epoch)
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total
-        self.optimizer = torch.optim.AdamW(task.param_groups(model, cfg), weight_decay=cfg.weight_decay,
-                                           foreach=True)
+        self.optimizer = make_optimizer(task, model, cfg)
         warm, total = int(cfg.warmup_ratio * self.total), self.total
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -154,10 +238,11 @@ class Trainer:
                    disable=True if not self.progress or rank else None)
         t0 = time.perf_counter()
         self.model.train()
+        sparse = self._sparse_tables()
         try:
             for cb in self.callbacks:
                 cb.on_start(self)
-            while self.step < self.total:
+            while self.step < self.total and not self.should_stop:
                 self.epoch = self.step // self.steps_per_epoch
                 gen = torch.Generator().manual_seed(self.cfg.seed + self.epoch)  # as Task.batches
                 order = torch.randperm(self.rows, generator=gen)
@@ -171,24 +256,50 @@ class Trainer:
                     self._train_step(self.task.collate(x) if len(idx) else x, data.labels[idx], idx, n)
                     bar.update(1)
                     bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
-                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    end = self.step % self.steps_per_epoch == 0
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not end:
                         self._save()
                     if self.step >= self.total:
                         break
+                if self.step % self.steps_per_epoch == 0:
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self)
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self._save()  # after the epoch's callbacks, so a resumed run does not redo them
             for cb in self.callbacks:
                 cb.on_end(self)
         finally:
+            for m, flag in sparse:
+                m.sparse = flag
             for h in hooks:
                 h.remove()
             self._hidden = {}
             bar.close()
         self.model.eval()
         val = self.task.evaluate(self.model, "val")
-        return {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
-                "seconds": round(time.perf_counter() - t0, 1),
-                "final_loss": float(np.mean(self.losses[-50:])) if self.losses else None, "val": val,
-                "terms": {n: float(np.mean(v[-50:])) for n, v in self.term_values.items() if v},
-                "resumed_from_step": self.resumed_from}
+        record = {"steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 3),
+                  "seconds": round(time.perf_counter() - t0, 1),
+                  "final_loss": float(np.mean(self.losses[-50:])) if self.losses else None, "val": val,
+                  "terms": {n: float(np.mean(v[-50:])) for n, v in self.term_values.items() if v},
+                  "resumed_from_step": self.resumed_from}
+        if self.early is not None:
+            record["early_stopping"] = self.early.record()
+        return record
+
+    def _sparse_tables(self) -> list[tuple[nn.Module, bool]]:
+        """With row-wise table updates, the tables' lookups give sparse gradients while training
+        (only the looked-up rows are touched); the flags are put back after ``fit``."""
+        if self.cfg.table_optimizer != "rowwise_adagrad":
+            return []
+        from .optim import table_parameters
+
+        tables = {id(p) for p in table_parameters(self.model)}
+        out = []
+        for m in self.model.modules():
+            if isinstance(m, nn.Embedding) and id(m._parameters.get("weight")) in tables:
+                out.append((m, m.sparse))
+                m.sparse = True
+        return out
 
     def _train_step(self, x: tuple[Tensor, ...], y: Tensor, idx: Tensor, total: int) -> None:
         """One optimizer step; ``idx`` are this rank's rows of a global batch of ``total`` rows."""
@@ -276,11 +387,19 @@ class Trainer:
                 else:
                     extra.setdefault(str(pid), {})[k] = v
         tensors["rng.cpu"] = torch.get_rng_state()
+        callbacks: dict[str, Any] = {}
+        for i, cb in enumerate(self.callbacks):
+            st = cb.state_dict()
+            if st:
+                callbacks[str(i)] = st.get("json", {})
+                for k, v in (st.get("tensors") or {}).items():
+                    tensors[f"callback.{i}.{k}"] = v.detach().contiguous().clone()
         meta = {"step": str(self.step), "config_hash": self.config_hash()}
         state = {"step": self.step, "epoch": self.epoch, "config": self.cfg.model_dump(mode="json"),
                  "config_hash": self.config_hash(), "scheduler": self.scheduler.state_dict(),
                  "optimizer": {"param_groups": opt["param_groups"], "state": extra},
-                 "losses": self.losses[-50:], "terms": {n: v[-50:] for n, v in self.term_values.items()}}
+                 "losses": self.losses[-50:], "terms": {n: v[-50:] for n, v in self.term_values.items()},
+                 "callbacks": callbacks}
         _atomic(folder / WEIGHTS, lambda p: save_file(tensors, str(p), metadata=meta))
         _atomic(folder / STATE, lambda p: p.write_text(json.dumps(state, indent=1)))
 
@@ -312,6 +431,12 @@ class Trainer:
         self.losses = list(state["losses"])
         self.term_values.update({n: list(v) for n, v in state["terms"].items() if n in self.term_values})
         self._rng = tensors["rng.cpu"]
+        for i, cb in enumerate(self.callbacks):
+            saved = state.get("callbacks", {}).get(str(i))
+            if saved is not None:
+                prefix = f"callback.{i}."
+                cb.load_state_dict({"json": saved, "tensors": {k[len(prefix):]: v for k, v in tensors.items()
+                                                               if k.startswith(prefix)}})
 
 
 def _world_and_rank() -> tuple[int, int]:

@@ -42,13 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="Replace OUT if it holds files.")
     p.add_argument("--resume", action="store_true",
                    help="Continue the run in OUT from its last saved epoch (on any number of ranks).")
-    p.add_argument("--epochs", type=int, default=2, help="Most epochs (default 2).")
-    p.add_argument("--patience", type=int, default=1, help="Stop after this many epochs without a "
-                   "better val AUC (default 1).")
+    p.add_argument("--epochs", type=int, default=10, help="Most epochs (default 10; early stopping ends most runs sooner).")
+    p.add_argument("--patience", type=int, default=2, help="Stop after this many epochs without a "
+                   "better val AUC (default 2).")
     p.add_argument("--batch-size", type=int, default=1024, help="Global batch, split over the ranks (default 1024).")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate of the dense layers.")
-    p.add_argument("--table-lr", type=float, default=0.05, help="Row-wise Adagrad learning rate of the tables.")
+    p.add_argument("--table-lr", type=float, default=0.1, help="Row-wise Adagrad learning rate of the tables (default 0.1).")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (dense layers only).")
+    p.add_argument("--row-l2", type=float, default=20.0,
+                   help="Frequency-aware L2 on looked-up rows: row_l2 * ||w||^2 / count per lookup (default 20; 0: off).")
     p.add_argument("--embed-dim", type=int, default=16, help="Embedding size (default 16).")
     p.add_argument("--hidden", default="256,128", help="MLP layer sizes, comma-separated (default 256,128).")
     p.add_argument("--row-wise-threshold-bytes", type=int, default=None,
@@ -95,6 +97,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be > 0, got {value}.")
     if args.weight_decay < 0:
         raise UsageError(f"--weight-decay must be >= 0, got {args.weight_decay}.")
+    if args.row_l2 < 0:
+        raise UsageError(f"--row-l2 must be >= 0, got {args.row_l2}.")
     args.hidden_sizes = _ints(args.hidden, "--hidden")
     if args.dataset.split(":")[0].strip() == "synthetic":  # a bad spec fails here, before any rank waits
         from ..data.synthetic import parse_spec
@@ -209,14 +213,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dist.barrier()
     result = train_sharded(model, _split(task, "train"), _split(task, "val"), epochs=args.epochs,
                            batch_size=args.batch_size, lr=args.lr, table_lr=args.table_lr,
-                           weight_decay=args.weight_decay, patience=args.patience, seed=args.seed,
+                           weight_decay=args.weight_decay, row_l2=args.row_l2, patience=args.patience,
+                           seed=args.seed,
                            checkpoint_dir=ckpt, eval_batch_size=args.eval_batch_size,
                            metrics=task.metrics, max_steps=args.max_steps, log=say, resume=args.resume)
     test = evaluate_sharded(model, *_split(task, "test"), batch_size=args.eval_batch_size, metrics=task.metrics)
     summary = {"mode": "train", "dataset": args.dataset, "world_size": world, "backend": dist.get_backend(),
                "device": str(args.torch_device), "config": cfg.model_dump(mode="json"),
                "settings": {k: getattr(args, k) for k in ("epochs", "patience", "batch_size", "lr", "table_lr",
-                                                          "weight_decay", "seed", "max_steps", "timeout_s")},
+                                                          "weight_decay", "row_l2", "seed", "max_steps",
+                                                          "timeout_s")},
                "optimizers": {"dense": "AdamW", "tables": "RowWiseAdagrad"},
                "rows": {k: len(v) for k, v in task.splits.items()},
                **result.summary(), "test": test, "plan": plan.model_dump(mode="json"),

@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..errors import SlimcartError, UsageError
+from ..optim import RowWiseAdagrad  # noqa: F401  (re-exported: the tables' optimizer)
 from ..models.deepfm import DeepFM, DeepFMConfig
 from .checkpoint import LAST, load_sharded, load_training_state, save_sharded, save_training_state
 from .deepfm import PREFIXES, ShardedDeepFM
@@ -120,71 +121,6 @@ def build_sharded_deepfm(cfg: DeepFMConfig, plan: ShardingPlan, seed: int = 0, g
             shards[name] = init_rows(name, *rows, p.dim, seed, std)
     model = ShardedDeepFM(cfg, plan, stub, group=group, shards=shards)
     return model.to(device) if device is not None else model
-
-
-# ---- the row-sparse optimizer ---------------------------------------------------------------------
-
-class RowWiseAdagrad(torch.optim.Optimizer):
-    """Row-wise Adagrad for embedding shards: one accumulator per row (the running sum of the
-    mean squared gradient of the row), and a step that reads and writes only the rows looked up
-    in this step (on any rank): the shards' gradients are sparse (the lookup is
-    ``F.embedding(..., sparse=True)``), so a step costs the rows read, not the table's size.
-    A dense gradient is accepted too (its non-zero rows are updated).
-
-    Why this and not Adam or SparseAdam: Adam keeps two moments of the table's full size, and its
-    momentum keeps moving rows that were not looked up; SparseAdam avoids that but still keeps two
-    full-size moments. Row-wise Adagrad has no momentum and no weight decay, so rows never looked
-    up stay bit-for-bit unchanged, and its state is one float per row (1/dim of the table).
-
-    update for a looked-up row i with gradient g_i (length dim):
-        acc_i += mean(g_i ** 2);   w_i -= lr * g_i / (sqrt(acc_i) + eps)
-    """
-
-    def __init__(self, params, lr: float = 0.05, eps: float = 1e-8, initial_accumulator_value: float = 0.0):
-        if lr <= 0 or eps < 0 or initial_accumulator_value < 0:
-            raise UsageError(f"RowWiseAdagrad needs lr > 0, eps >= 0 and initial_accumulator_value >= 0; "
-                             f"got lr={lr}, eps={eps}, initial_accumulator_value={initial_accumulator_value}.")
-        super().__init__(params, {"lr": lr, "eps": eps, "initial_accumulator_value": initial_accumulator_value})
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.dim() != 2:
-                    raise UsageError(f"RowWiseAdagrad works on 2-D tables; got a parameter of shape "
-                                     f"{tuple(p.shape)}.", "Give it the table shards only.")
-                self.state[p]["sum"] = torch.full((p.shape[0],), float(initial_accumulator_value),
-                                                  dtype=torch.float32, device=p.device)
-        self.rows_updated = 0  # rows touched by the last step, over all parameters
-
-    def state_bytes(self) -> int:
-        return sum(s["sum"].numel() * s["sum"].element_size() for s in self.state.values())
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.rows_updated = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
-                if grad.is_sparse:
-                    rows, g = grad.indices()[0], grad.values()
-                    keep = g.ne(0).any(1)
-                    rows, g = rows[keep], g[keep]
-                else:
-                    rows = grad.ne(0).any(1).nonzero().squeeze(1)
-                    g = grad.index_select(0, rows)
-                if rows.numel() == 0:
-                    continue
-                acc = self.state[p]["sum"]
-                new = acc.index_select(0, rows) + g.float().pow(2).mean(1)
-                acc.index_copy_(0, rows, new)
-                update = g.float() / (new.sqrt() + group["eps"]).unsqueeze(1)
-                p.index_add_(0, rows, update.to(p.dtype), alpha=-group["lr"])
-                self.rows_updated += int(rows.numel())
-        return loss
 
 
 # ---- helpers that every rank calls in step ----------------------------------------------------------
@@ -288,6 +224,21 @@ def evaluate_sharded(model: ShardedDeepFM, inputs: tuple[torch.Tensor, ...], lab
 
 # ---- training -------------------------------------------------------------------------------------
 
+def _inverse_counts(sparse: torch.Tensor, vocab_sizes: list[int], device) -> list[torch.Tensor]:
+    """1 / (count of each id in the train split) per field (1 for ids that never occur)."""
+    return [1.0 / torch.bincount(sparse[:, i], minlength=v).clamp(min=1).float().to(device)
+            for i, v in enumerate(vocab_sizes)]
+
+
+def _row_penalty(rows: dict[str, torch.Tensor], sparse: torch.Tensor, inv: list[torch.Tensor]) -> torch.Tensor:
+    """Sum over this rank's rows of sum_tables ||row||^2 / count(row) (both tables of a field)."""
+    total = sparse.new_zeros((), dtype=torch.float32)
+    for name, e in rows.items():
+        field = int(name.rsplit(".", 1)[1])
+        total = total + (e.pow(2).sum(1) * inv[field][sparse[:, field]]).sum()
+    return total
+
+
 @dataclass
 class TrainResult:
     """What :func:`train_sharded` did. ``epochs`` holds one dict per epoch, the same on every rank
@@ -311,7 +262,7 @@ class TrainResult:
 def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], torch.Tensor],
                   val: tuple[tuple[torch.Tensor, ...], torch.Tensor], *, epochs: int = 2,
                   batch_size: int = 1024, lr: float = 2e-3, table_lr: float = 0.05,
-                  weight_decay: float = 0.0, patience: int = 1, seed: int = 0,
+                  weight_decay: float = 0.0, row_l2: float = 0.0, patience: int = 1, seed: int = 0,
                   checkpoint_dir: str | Path | None = None, eval_batch_size: int = 4096,
                   metrics: Callable | None = None, max_steps: int | None = None,
                   log: Callable[[str], None] | None = print, resume: bool = False) -> TrainResult:
@@ -330,14 +281,18 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     ``resume=True`` continues from it, on any number of ranks (rows and accumulators are re-split),
     from the epoch after the saved one. Each epoch seeds torch from (seed, epoch, rank), so on the
     same number of ranks a resumed run repeats the uninterrupted one exactly.
+
+    ``row_l2`` adds the frequency-aware L2 of ``slimcart.tasks.ctr_reg`` on the looked-up rows:
+    each lookup of row i adds row_l2 * ||w_i||^2 / count_i (count_i: the id's count in the train
+    split, which every rank holds), so every row gets the same prior whatever its frequency.
     """
     for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1),
                              ("patience", patience, 1), ("eval_batch_size", eval_batch_size, 1)):
         if not isinstance(value, int) or value < low:
             raise UsageError(f"{name} must be a whole number >= {low}, got {value!r}.")
-    if not (lr > 0 and table_lr > 0 and weight_decay >= 0):
-        raise UsageError(f"Learning rates must be > 0 and weight decay >= 0; got lr={lr}, "
-                         f"table_lr={table_lr}, weight_decay={weight_decay}.")
+    if not (lr > 0 and table_lr > 0 and weight_decay >= 0 and row_l2 >= 0):
+        raise UsageError(f"Learning rates must be > 0, weight decay and row_l2 >= 0; got lr={lr}, "
+                         f"table_lr={table_lr}, weight_decay={weight_decay}, row_l2={row_l2}.")
     (x_train, y_train), (_, y_val) = train, val
     n = int(y_train.shape[0])
     if n == 0 or int(y_val.shape[0]) == 0:
@@ -353,6 +308,7 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     table_opt = RowWiseAdagrad(table_params, lr=table_lr)
     table_bytes = model.tables.local_bytes()
     steps = math.ceil(n / batch_size) if max_steps is None else min(max_steps, math.ceil(n / batch_size))
+    inv_counts = _inverse_counts(x_train[0], model.config.vocab_sizes, device) if row_l2 > 0 else None
     result = TrainResult(model=model, checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
     best, waited, first = -math.inf, 0, 1
     if resume:
@@ -386,6 +342,8 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
             inputs, labels = _to(x_train, mine, device), y_train[mine].to(device)
             out = model(*inputs)
             loss = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")
+            if inv_counts is not None:
+                loss = loss + row_l2 * _row_penalty(model.last_rows, inputs[0], inv_counts)
             dense_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             (loss * (world / len(batch))).backward()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, Iterator, Literal
 
 import numpy as np
 import torch
@@ -37,6 +37,17 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(default=0.0, ge=0, lt=1)
     max_steps: int | None = Field(default=None, ge=1)
     seed: int = 0
+    # Embedding tables: "rowwise_adagrad" trains every plain nn.Embedding weight with row-wise
+    # Adagrad at ``table_lr`` on sparse gradients (only looked-up rows change) and the rest with AdamW.
+    table_optimizer: Literal["adamw", "rowwise_adagrad"] = "adamw"
+    table_lr: float | None = Field(default=None, gt=0)
+    # Frequency-aware L2 on looked-up embedding rows (for tasks that define it, e.g. ctr): each
+    # lookup of row i adds row_l2 * ||w_i||^2 / count_i, so every row gets the same prior whatever
+    # its frequency, and rare rows are held near 0.
+    row_l2: float = Field(default=0.0, ge=0)
+    # Early stopping: score the validation split after every whole epoch, stop after ``patience``
+    # epochs without a better primary metric, and keep the best epoch's weights.
+    patience: int | None = Field(default=None, ge=1)
 
 
 @dataclass
@@ -83,6 +94,13 @@ class Task(ABC):
 
     def param_groups(self, model: torch.nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": cfg.lr}]
+
+    def default_terms(self, model: torch.nn.Module, cfg: TrainConfig) -> list:
+        """The loss terms of a training that names none: the task's loss (tasks may add
+        regularisers that ``cfg`` asks for, e.g. ctr's ``row_l2``)."""
+        from ..trainer import TaskLoss
+
+        return [TaskLoss(self)]
 
     # ---- data ----------------------------------------------------------------------
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
