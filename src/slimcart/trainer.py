@@ -255,7 +255,12 @@ class Trainer:
                     x = tuple(t[idx] for t in data.inputs)
                     self._train_step(self.task.collate(x) if len(idx) else x, data.labels[idx], idx, n)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}")
+                    if bar.n % 10 == 1 or bar.n == self.total:  # the postfix costs more than a small step
+                        post = {"loss": f"{np.mean(self.losses[-50:]):.4f}",
+                                "lr": f"{self.optimizer.param_groups[0]['lr']:.2e}"}
+                        if self.early is not None and self.early.history:
+                            post[f"val {self.task.primary_metric}"] = f"{self.early.history[-1]:.4f}"
+                        bar.set_postfix(post)
                     end = self.step % self.steps_per_epoch == 0
                     if self.checkpoint_every and self.step % self.checkpoint_every == 0 and not end:
                         self._save()

@@ -276,9 +276,12 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         update["lr"] = cfg.lr
     if cfg.batch_size is not None:
         update["batch_size"] = cfg.batch_size
+    train_cfg = base.model_copy(update=update)
+    # the task's own regularisers (e.g. ctr's frequency-aware row L2) train the student too
+    terms += [t for t in task.default_terms(student, train_cfg) if not isinstance(t, TaskLoss)]
     student.distill_adapters = adapters  # trained with the student, removed before it is saved
     try:
-        rec = task.train_model(student, base.model_copy(update=update), terms=terms, capture=capture,
+        rec = task.train_model(student, train_cfg, terms=terms, capture=capture,
                                progress=ctx.progress, desc="distill")
     finally:
         del student.distill_adapters

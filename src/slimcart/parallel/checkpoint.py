@@ -56,7 +56,9 @@ def save_sharded(module: ShardedDeepFM, directory: str | Path) -> Path:
 
 
 def gather_state(module: ShardedDeepFM, dst: int = 0) -> dict[str, torch.Tensor] | None:
-    """The full ``DeepFM.state_dict()`` on rank ``dst`` (None on the others); call on every rank."""
+    """The full ``DeepFM.state_dict()`` on rank ``dst`` (None on the others); call on every rank.
+    Row-pruned fields give their compact rows and ``embeddings.{i}.id_map``, as a DeepFM with the
+    same ``apply_row_pruning`` record holds them."""
     tables = module.tables
     rank, group, local = tables.rank, tables.group, tables.local_shards()
     out = {} if rank == dst else None
@@ -76,7 +78,9 @@ def gather_state(module: ShardedDeepFM, dst: int = 0) -> dict[str, torch.Tensor]
         if out is not None:
             out[f"{name}.weight"] = full
     if out is not None:
-        out.update({k: v.detach().cpu().clone() for k, v in module.dense_state().items()})
+        for k, v in module.dense_state().items():  # a row-pruned field's map, as CompactEmbedding keeps it
+            key = f"embeddings.{k.split('.')[1]}.id_map" if k.startswith("id_maps.") else k
+            out[key] = v.detach().cpu().clone()
     return out
 
 
@@ -116,7 +120,8 @@ def load_sharded(source: str | Path | Mapping[str, torch.Tensor], plan: Sharding
             rows = plan.tables[name].local_rows(here) if name in plan.tables else None
             if rows is not None:
                 shards[name] = read(name, *rows)
-    model = ShardedDeepFM(cfg, plan, stub, group=group, shards=shards)
+    maps = {int(k.split(".")[1]): v for k, v in dense.items() if k.startswith("id_maps.")}
+    model = ShardedDeepFM(cfg, plan, stub, group=group, shards=shards, id_maps=maps)
     result = model.load_state_dict(dense, strict=False)
     bad = [k for k in result.missing_keys if not k.startswith("tables.")] + list(result.unexpected_keys)
     if bad:

@@ -242,9 +242,10 @@ def _row_penalty(rows: dict[str, torch.Tensor], sparse: torch.Tensor, inv: list[
 @dataclass
 class TrainResult:
     """What :func:`train_sharded` did. ``epochs`` holds one dict per epoch, the same on every rank
-    except eval_seconds: train_loss (mean over all train rows), val_auc, val_logloss, seconds (the
-    training part, slowest rank), eval_seconds (this rank), samples_per_s (global rows / seconds),
-    steps, peak_rss_bytes, table_bytes and optimizer_state_bytes (one entry per rank), improved."""
+    except eval_seconds: train_loss (mean log loss over all train rows, without the row penalty),
+    val_auc, val_logloss, seconds (the training part, slowest rank), eval_seconds (this rank),
+    samples_per_s (global rows / seconds), steps, peak_rss_bytes, table_bytes and
+    optimizer_state_bytes (one entry per rank), improved."""
 
     model: ShardedDeepFM
     epochs: list[dict[str, Any]] = field(default_factory=list)
@@ -308,7 +309,8 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
     table_opt = RowWiseAdagrad(table_params, lr=table_lr)
     table_bytes = model.tables.local_bytes()
     steps = math.ceil(n / batch_size) if max_steps is None else min(max_steps, math.ceil(n / batch_size))
-    inv_counts = _inverse_counts(x_train[0], model.config.vocab_sizes, device) if row_l2 > 0 else None
+    inv_counts = (_inverse_counts(model.map_ids(x_train[0]), model.config.vocab_sizes, device)
+                  if row_l2 > 0 else None)
     result = TrainResult(model=model, checkpoint=str(checkpoint_dir) if checkpoint_dir else None)
     best, waited, first = -math.inf, 0, 1
     if resume:
@@ -341,16 +343,17 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
             mine = batch[rank::world]
             inputs, labels = _to(x_train, mine, device), y_train[mine].to(device)
             out = model(*inputs)
-            loss = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")
+            bce = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")
+            loss = bce
             if inv_counts is not None:
-                loss = loss + row_l2 * _row_penalty(model.last_rows, inputs[0], inv_counts)
+                loss = bce + row_l2 * _row_penalty(model.last_rows, model.map_ids(inputs[0]), inv_counts)
             dense_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             (loss * (world / len(batch))).backward()
             sync_grads(model, group)
             dense_opt.step()
             table_opt.step()
-            loss_sum += loss.detach().double()
+            loss_sum += bce.detach().double()  # the log loss alone (without the row penalty)
             seen += len(batch)
         dist.all_reduce(loss_sum, group=group)
         took = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
