@@ -1,6 +1,7 @@
 """Distillation of the CTR model: a DeepFM student with 4x smaller embedding dims trained from the
 DeepFM teacher, with no distillation (labels only), pointwise soft labels, and pointwise + pairwise
-ranking distillation, side by side; on women's reviews and on a synthetic log with 1M-row tables.
+ranking distillation, side by side; on women's reviews, on a synthetic log with 1M-row tables and
+on a synthetic log of 1M rows.
 
 Writes benchmarks/results/distill_ctr.md. Run from the repository root."""
 from __future__ import annotations
@@ -16,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import baseline, markdown_table  # noqa: E402
 
-DATASETS = ["womens-reviews", "synthetic:rows=300000,fields=3,vocab=1000000"]
+DATASETS = ["womens-reviews", "synthetic:rows=300000,fields=3,vocab=1000000",
+            "synthetic:rows=1000000,fields=8,vocab=100000"]
 QUICK = ["womens-reviews", "synthetic:rows=20000,fields=3,vocab=50000"]
 STACKED = "ctr/distill-dim4-int4-rows"
 MODES = {"labels only": dict(alpha=1.0),

@@ -42,16 +42,11 @@ from slimcart.measure.stats import fmt_speedup, speedup
 from slimcart.models.quant_embedding import QuantEmbedding
 from slimcart.quantize.embedding_quant import embedding_bytes
 from slimcart.stage import ModelState, StageContext
-from slimcart.tasks.base import TrainConfig
-from slimcart.training import load_trained, save_trained
 
-from common import CACHE, baseline, markdown_table, run_section
+from common import baseline, markdown_table, run_section
 
 SYNTHETIC = "synthetic:rows=600000,fields=3,vocab=1000000"
 QUICK_SYNTHETIC = "synthetic:rows=20000,fields=3,vocab=50000"
-# Each AdamW step touches every row of the 1M-row tables (about 1.5 s a step on 2 cores), so the
-# synthetic baseline takes few large steps.
-SYNTHETIC_TRAIN = TrainConfig(epochs=2, batch_size=4096, lr=5e-3, weight_decay=1e-5)
 BATCHES = (1, 256)
 
 
@@ -86,16 +81,6 @@ class Lookup(nn.Module):
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
         return torch.cat([t(sparse[:, i % self.fields]) for i, t in enumerate(self.tables)], 1)
-
-
-def synthetic_baseline(task):
-    key = "".join(c if c.isalnum() or c in "-_" else "_" for c in task.dataset)
-    folder = CACHE / f"ctr-{key}-b{SYNTHETIC_TRAIN.batch_size}"
-    if (folder / "slimcart.json").is_file():
-        return load_trained(folder, task)
-    model = task.train_baseline(config=SYNTHETIC_TRAIN)
-    save_trained(model, task, folder, overwrite=True)
-    return model
 
 
 def gbq_graph(model: nn.Module, path: Path) -> Path | None:
@@ -134,7 +119,7 @@ def run_dataset(dataset: str, tmp: Path, quick: bool, threads: int) -> list[str]
     t0 = time.time()
     task = sc.load_task("ctr", dataset)
     if dataset.startswith("synthetic"):
-        model = baseline(task, "demo") if quick else synthetic_baseline(task)
+        model = baseline(task, "demo" if quick else "full")
     else:
         model = baseline(task, "full")
     tmp = tmp / "".join(c if c.isalnum() else "_" for c in dataset)
