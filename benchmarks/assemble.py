@@ -45,7 +45,7 @@ def main() -> None:
         "(tables before this version timed test rows padded to 24), which is most of why its batch-32 "
         "latencies are ~3x the earlier ones.\n",
         "The 2-core machines these sections ran on were not all the same CPU: the sections dated "
-        "2026-12-03 (quant_intent, deep_compression, distill_*) ran on an Intel Xeon with AVX-512 VNNI "
+        "2026-12-03 (quant_intent, deep_compression, distill_*, the ctr sections) ran on an Intel Xeon with AVX-512 VNNI "
         "and AMX-INT8, where ONNX Runtime's int8 matmuls are 4x its fp32 ones; earlier sections ran on "
         "machines whose int8 features each section names where they matter (static_int8: AVX2 only, "
         "int8 matmuls 1.5x fp32). Compare ratios within a section, never across CPUs.\n",
@@ -59,6 +59,10 @@ def main() -> None:
         "its own thread pool, and on 2 cores their scheduling differs. At one thread the same pair "
         "shows no measured difference (a test checks it). Read sub-millisecond ONNX Runtime ratios "
         "near 1 with that in mind.\n",
+        "The ctr baseline changed on 2026-12-03 (row-wise Adagrad on sparse table gradients, a "
+        "frequency-aware L2 on the rows, early stopping on the val AUC; see \"CTR: a baseline that "
+        "learns\"). Every section with ctr numbers was rerun with it that day, except the GPU section, "
+        "whose ctr model is the former baseline.\n",
     ]
     names = sorted(p.name for p in res.glob("*.md"))
     for name in sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
