@@ -6,7 +6,7 @@
 
 Part 1 ("baseline"): the ctr task's baseline (row-wise Adagrad on sparse table gradients, AdamW on
 the dense layers, frequency-aware L2 on the rows, early stopping on the val AUC) next to the former
-one (AdamW on everything, 2 epochs) and two ceilings: the planted one (the AUC of the true click
+one (AdamW on everything, 2 epochs), DLRM trained the same way (``--baseline dlrm``), and two ceilings: the planted one (the AUC of the true click
 probabilities: reachable only with every id's weights known exactly) and the data-limited one
 (``slimcart.data.synthetic.data_limited_auc``: every id's weights at their posterior mean given its
 train count; an optimistic bound for a model trained on these rows).
@@ -81,6 +81,10 @@ def baseline_part() -> list[str]:
                     "gap to planted": f"{planted - auc:+.4f}",
                     "epochs (best)": f"{rec['epochs']:g} ({es.get('best_epoch', '-')})",
                     "train s": f"{took:.0f}"})
+        t0 = time.perf_counter()
+        dlrm = sc.load_task("ctr", spec, baseline="dlrm").train_baseline("full", progress=False)
+        row["DLRM test AUC"] = (f"{dlrm.slimcart_training['test']['auc']:.4f} "
+                                f"({time.perf_counter() - t0:.0f} s)")
         rows.append(row)
         gaps.append(f"{limited - auc:.3f} ({len(task.splits['train']):,} train rows)")
         print(row, flush=True)

@@ -31,7 +31,7 @@ ImageSize = typer.Option(None, "--image-size", min=1, help=(
 Baseline = typer.Option(None, "--baseline", help=(
     "product_image: the baseline to train, efficientnet_lite0 (ImageNet-pretrained) or resnet_small; "
     "it also fixes the normalisation (default: efficientnet_lite0 for image folders unless "
-    "--image-size is under 64, resnet_small for fashion-mnist)."))
+    "--image-size is under 64, resnet_small for fashion-mnist). ctr: deepfm (default) or dlrm."))
 Seed = typer.Option(0, "--seed", help="Seed for splits and training.")
 Overwrite = typer.Option(False, "--overwrite", help="Replace OUT if it exists.")
 Quiet = typer.Option(False, "--quiet", help="No progress bars.")

@@ -24,6 +24,14 @@ from torch import Tensor, nn
 from .errors import UsageError
 
 
+def _closure_loss(closure: Callable[[], Any] | None):
+    """What ``Optimizer.step(closure)`` returns: the closure's loss, computed with gradients on."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _rows_and_grads(grad: Tensor) -> tuple[Tensor, Tensor]:
     """The looked-up rows of a (sparse or dense) table gradient and their gradients."""
     if grad.is_sparse:
@@ -78,10 +86,7 @@ class RowWiseAdagrad(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self.rows_updated = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -121,10 +126,7 @@ class TablesAndAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:

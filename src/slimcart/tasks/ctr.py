@@ -14,6 +14,7 @@ from ..data import paths
 from ..data.tables import is_table, read_table, require_columns
 from ..errors import DataError, UsageError, closest
 from ..models.deepfm import DeepFM, DeepFMConfig
+from ..models.dlrm import DLRM, DLRMConfig
 from .base import Split, Task, TrainConfig
 from .common import split_indices
 
@@ -22,6 +23,8 @@ DATASETS = {
     "online-shoppers": "online shoppers' sessions, label Revenue (CC-BY-4.0)",
     "synthetic": "generated click log with a planted ground truth; synthetic:rows=..,fields=..,vocab=..",
 }
+BASELINES = {"deepfm": "DeepFM: FM term + MLP over the embeddings (default)",
+             "dlrm": "DLRM: bottom MLP over dense features, pairwise dot products, top MLP"}
 _SHOPPERS_CAT = ["Month", "OperatingSystems", "Browser", "Region", "TrafficType",
                  "returning_ visitor", "weekend"]
 _SHOPPERS_DENSE = ["Administrative", "Administrative_Duration", "Informational",
@@ -94,7 +97,18 @@ class CTRTask(Task):
 
     @classmethod
     def load(cls, dataset: str = "womens-reviews", data_dir=None, categorical=None, dense=None,
-             label_column: str | None = None, seed: int = 0, **_: Any) -> "CTRTask":
+             label_column: str | None = None, seed: int = 0, baseline: str | None = None,
+             **_: Any) -> "CTRTask":
+        """``baseline``: the architecture ``train_baseline`` builds, deepfm (default) or dlrm."""
+        if baseline is not None and baseline not in BASELINES:
+            raise UsageError(f"Unknown ctr baseline {baseline!r}.{closest(str(baseline), list(BASELINES))}",
+                             f"Known ctr baselines: {', '.join(BASELINES)}.")
+        task = cls._load(dataset, data_dir, categorical, dense, label_column, seed)
+        task.info["baseline"] = baseline or "deepfm"
+        return task
+
+    @classmethod
+    def _load(cls, dataset, data_dir, categorical, dense, label_column, seed) -> "CTRTask":
         if dataset.split(":")[0] == "synthetic":
             return cls._synthetic(dataset, seed)
         df, cat_cols, dense_cols, label, source = _table_dataset(dataset, data_dir, categorical,
@@ -136,6 +150,9 @@ class CTRTask(Task):
 
     def build_baseline(self, seed: int = 0):
         torch.manual_seed(seed)
+        if self.info.get("baseline") == "dlrm":
+            cfg = DLRMConfig(vocab_sizes=self.info["vocab_sizes"], num_dense=len(self.info["dense"]))
+            return DLRM(cfg), {"arch": "dlrm", "config": cfg.model_dump(mode="json")}
         cfg = DeepFMConfig(vocab_sizes=self.info["vocab_sizes"], num_dense=len(self.info["dense"]))
         return DeepFM(cfg), {"arch": "deepfm", "config": cfg.model_dump(mode="json")}
 
