@@ -6,7 +6,7 @@ from pathlib import Path
 
 from slimcart.pipeline import environment
 
-ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md", "ctr_baseline.md", "ctr_scale.md",
+ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md", "ctr_baseline.md", "ctr_dlrm.md", "ctr_scale.md",
          "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "int8_cpu_xeon_t2.md", "int8_cpu_xeon_t8.md", "quant_intent.md", "weight_only.md",
          "embedding_quant.md", "deep_compression.md", "distill_intent.md", "distill_ctr.md", "distill_images.md",
          "gpu.md"]
