@@ -113,8 +113,10 @@ class EarlyStopping(Callback):
         self.weights: dict[str, Tensor] | None = None
 
     def _better(self, value: float) -> bool:
-        if self.best is None or math.isnan(self.best):
-            return not math.isnan(value) or self.best is None
+        if self.best is None:
+            return True
+        if math.isnan(value) or math.isnan(self.best):
+            return not math.isnan(value)  # a number beats NaN, nothing beats a number
         return value > self.best if self.task.higher_is_better else value < self.best
 
     def on_start(self, trainer: "Trainer") -> None:

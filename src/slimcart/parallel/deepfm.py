@@ -105,8 +105,8 @@ class ShardedDeepFM(nn.Module):
         f = self.num_fields
         sparse = self.map_ids(sparse)
         rows = self.tables.lookup({f"{p}.{i}": sparse[:, i] for p in PREFIXES for i in range(f)})
-        if self.training:
-            self.last_rows = rows  # for a regulariser on the looked-up rows (train_sharded's row_l2)
+        if self.training:  # for a regulariser on the looked-up rows (train_sharded's row_l2)
+            self.last_rows, self.last_ids = rows, sparse
         emb = torch.stack([rows[f"embeddings.{i}"] for i in range(f)], dim=1)
         first = torch.cat([rows[f"linear_embeddings.{i}"] for i in range(f)], 1).sum(1)
         return deepfm_head(self, emb, first, dense)

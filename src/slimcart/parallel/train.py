@@ -226,8 +226,9 @@ def evaluate_sharded(model: ShardedDeepFM, inputs: tuple[torch.Tensor, ...], lab
 
 def _inverse_counts(sparse: torch.Tensor, vocab_sizes: list[int], device) -> list[torch.Tensor]:
     """1 / (count of each id in the train split) per field (1 for ids that never occur)."""
-    return [1.0 / torch.bincount(sparse[:, i], minlength=v).clamp(min=1).float().to(device)
-            for i, v in enumerate(vocab_sizes)]
+    from ..tasks.ctr_reg import inverse_counts
+
+    return [inverse_counts(sparse[:, i], v).to(device) for i, v in enumerate(vocab_sizes)]
 
 
 def _row_penalty(rows: dict[str, torch.Tensor], sparse: torch.Tensor, inv: list[torch.Tensor]) -> torch.Tensor:
@@ -346,7 +347,7 @@ def train_sharded(model: ShardedDeepFM, train: tuple[tuple[torch.Tensor, ...], t
             bce = F.binary_cross_entropy_with_logits(out, labels, reduction="sum")
             loss = bce
             if inv_counts is not None:
-                loss = bce + row_l2 * _row_penalty(model.last_rows, model.map_ids(inputs[0]), inv_counts)
+                loss = bce + row_l2 * _row_penalty(model.last_rows, model.last_ids, inv_counts)
             dense_opt.zero_grad(set_to_none=True)
             table_opt.zero_grad(set_to_none=True)
             (loss * (world / len(batch))).backward()

@@ -16,6 +16,11 @@ from torch import Tensor, nn
 from ..trainer import Batch, LossTerm
 
 
+def inverse_counts(ids: Tensor, rows: int) -> Tensor:
+    """1 / (how often each of ``rows`` ids occurs in ``ids``), 1 for ids that never occur."""
+    return 1.0 / torch.bincount(ids, minlength=rows).clamp(min=1).float()
+
+
 class FrequencyL2(LossTerm):
     """``weight`` x the mean over the batch of sum_tables ||row||^2 / count(row)."""
 
@@ -45,8 +50,8 @@ def frequency_l2(model: nn.Module, sparse_train: Tensor, weight: float) -> Frequ
             w = table._parameters.get("weight") if isinstance(table, nn.Embedding) else None
             if not isinstance(w, nn.Parameter) or not w.requires_grad or col >= sparse_train.shape[1]:
                 continue
-            counts = torch.bincount(sparse_train[:, col], minlength=table.num_embeddings)
-            if counts.numel() != table.num_embeddings:
+            inv = inverse_counts(sparse_train[:, col], table.num_embeddings)
+            if inv.numel() != table.num_embeddings:
                 continue
-            tables.append((col, table, 1.0 / counts.clamp(min=1).to(w.dtype)))
+            tables.append((col, table, inv.to(w.dtype)))
     return FrequencyL2(tables, weight) if tables else None
