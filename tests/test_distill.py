@@ -266,8 +266,10 @@ def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
     spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
     torch.manual_seed(0)
     teacher = build(spec).eval()
-    with pytest.raises(UsageError, match="needs student.width below 1"):
+    with pytest.raises(UsageError, match="needs student.resolution"):
         make_student(teacher, spec, StudentConfig())
+    with pytest.raises(UsageError, match="student.width is 1.0"):
+        make_student(teacher, spec, StudentConfig(width=1.0))
     with pytest.raises(UsageError, match="student.layers does not apply to a pruned"):
         make_student(teacher, spec, StudentConfig(layers=2, width=0.5))
     st = make_student(teacher, spec, StudentConfig(width=0.5))
@@ -279,6 +281,42 @@ def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):
     again.load_state_dict(st.module.state_dict(), strict=True)
     x = Images().example_inputs(2)
     torch.testing.assert_close(again.eval()(*x), st.module.eval()(*x))
+
+
+def test_lower_resolution_student_resizes_inside_the_model(tmp_path):
+    import onnxruntime as ort
+
+    from slimcart.accelerate.onnx_export import export_onnx
+    from slimcart.distill.technique import _resolution_macs
+    from slimcart.stage import StageReport
+
+    spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
+    torch.manual_seed(0)
+    teacher = build(spec).eval()
+    st = make_student(teacher, spec, StudentConfig(resolution=32))
+    assert st.spec["input_resize"] == [32, 32] and "input_resize" not in spec
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        # the student is the teacher's weights on the 2x2-averaged image
+        torch.testing.assert_close(st.module.eval()(x), teacher(torch.nn.functional.avg_pool2d(x, 2)))
+        rebuilt = build(st.spec)
+        rebuilt.load_state_dict(st.module.state_dict(), strict=True)
+        torch.testing.assert_close(rebuilt.eval()(x), st.module(x))
+
+    class Images:
+        def example_inputs(self, batch, split="val"):
+            return (torch.rand(batch, 3, 64, 64),)
+
+    report = StageReport("distill", {})
+    _resolution_macs(teacher, st.module, Images(), report, st.spec["input_resize"])
+    narrow = report.stats["student_narrowed"]
+    assert narrow["params_after"] == narrow["params_before"]
+    assert 0.2 < narrow["macs_after"] / narrow["macs_before"] < 0.3  # a quarter of the pixels
+    path = export_onnx(st.module, (x,), tmp_path / "s.onnx", ("image",), {"image": {0: "batch"}})
+    got = ort.InferenceSession(str(path)).run(None, {"image": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), st.module(x).detach(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(UsageError, match="already transformed"):
+        make_student(st.module, st.spec, StudentConfig(resolution=16))
 
 
 def test_teacher_key_covers_every_tensor():

@@ -7,9 +7,11 @@
   (``head_prune``'s magnitude ranking) before the student trains, so the narrow student learns
   from the teacher directly.
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
-- Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): the
-  teacher with ``1 - width`` of its prunable channels removed (``channel_prune``, magnitude ranking,
-  widths rounded to multiples of 8), so the student starts from the teacher's ImageNet features.
+- Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): a
+  copy of the teacher that sees its input at ``resolution`` pixels (resized inside the model, so it
+  is served with the teacher's preprocessing; MACs fall with the pixel count) and/or has ``1 - width``
+  of its prunable channels removed (``channel_prune``, magnitude ranking, widths rounded to
+  multiples of 8), so the student starts from the teacher's fine-tuned features.
 - ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
 - ``mlp``: other ``hidden`` sizes, trained from scratch.
 
@@ -29,7 +31,7 @@ from ..errors import UsageError
 from ..models import build
 
 TRANSFORMS = ("reshape", "row_pruning", "bn_folded", "embedding_quant", "weight_only", "half",
-              "vocab_pruning")
+              "vocab_pruning", "input_resize")
 
 
 class StudentConfig(BaseModel):
@@ -46,6 +48,8 @@ class StudentConfig(BaseModel):
     ffn_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
         "transformers: fraction of each student layer's FFN width removed before training"))
     width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
+    resolution: int | None = Field(default=None, ge=16, description=(
+        "pretrained image networks: the side in pixels the student resizes its input to"))
     blocks: list[int] | None = Field(default=None, description="CNN: residual blocks per stage")
     embed_dim: int | None = Field(default=None, ge=1, description="DeepFM: embedding dimension")
     hidden: list[int] | None = Field(default=None, description="DeepFM / MLP: hidden layer widths")
@@ -63,7 +67,7 @@ class Student:
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
     keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio"}, "cnn": {"width", "blocks"},
-            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width"}}[family]
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)
     if wrong:
@@ -92,11 +96,7 @@ def make_student(teacher: nn.Module, spec: dict[str, Any], cfg: StudentConfig) -
     if arch == "resnet_small":
         return _cnn(spec, cfg)
     if arch in ("efficientnet_lite0", "torchvision", "timm"):
-        _keys_for("pruned", cfg)
-        if cfg.width is None or cfg.width >= 1:
-            raise UsageError("distill: a pruned image student needs student.width below 1 (the share of channels "
-                             "kept), e.g. student: {width: 0.5}.")
-        return Student(copy.deepcopy(teacher), copy.deepcopy(spec), {}, ["all layers (then channel-pruned)"])
+        return _pretrained_image(teacher, spec, cfg)
     if arch == "deepfm":
         return _config_student(spec, cfg, "deepfm")
     if arch == "mlp":
@@ -104,6 +104,27 @@ def make_student(teacher: nn.Module, spec: dict[str, Any], cfg: StudentConfig) -
     raise UsageError(f"distill: no student builder for the architecture {arch!r}.",
                      "Students are built for text_classifier, Hugging Face BERT/RoBERTa/DistilBERT, "
                      "resnet_small, deepfm and mlp teachers.")
+
+
+def _pretrained_image(teacher, spec, cfg) -> Student:
+    _keys_for("pruned", cfg)
+    if cfg.width is not None and cfg.width >= 1:
+        raise UsageError(f"distill: student.width is {cfg.width}; a pruned image student keeps a share of "
+                         "the teacher's channels below 1, e.g. student: {width: 0.5}.")
+    if cfg.width is None and cfg.resolution is None:
+        raise UsageError("distill: a pretrained image student needs student.resolution (pixels, e.g. 112) "
+                         "and/or student.width below 1 (the share of channels kept), e.g. student: {width: 0.5}.")
+    new, copied = copy.deepcopy(spec), ["all layers"]
+    module = build(new)
+    module.load_state_dict(teacher.state_dict())
+    if cfg.resolution is not None:
+        new["input_resize"] = [cfg.resolution, cfg.resolution]
+        module = build(new)
+        module.load_state_dict(teacher.state_dict())
+        copied.append(f"input resized to {cfg.resolution} px")
+    if cfg.width is not None:
+        copied.append("then channel-pruned")
+    return Student(module, new, {}, copied)
 
 
 def default_map(n: int, k: int) -> list[int]:

@@ -175,6 +175,17 @@ def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
     report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
 
 
+def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, size) -> None:
+    """MACs and parameters of teacher and student at one input (Torch-Pruning's counter, which sees
+    the student's resize), in the stats the channel-pruned student reports."""
+    from ..prune.structured import count
+
+    one = task.example_inputs(1, "val")
+    (mb, pb), (ma, pa) = count(teacher, one), count(student, one)
+    report.stats["student_narrowed"] = {"params_before": pb, "params_after": pa, "macs_before": mb, "macs_after": ma}
+    report.changed["input"] = f"student: resized to {size[0]}x{size[1]} px inside the model"
+
+
 def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
     tok = getattr(task, "tokenizer", None)
     if "attention_mask" not in task.input_names or tok is None or tok.mask_token_id is None:
@@ -201,10 +212,12 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     teacher = state.torch_model.eval()
     built = make_student(teacher, state.spec, cfg.student)
     student = built.module
-    if cfg.student.heads_ratio or cfg.student.ffn_ratio or built.copied == ["all layers (then channel-pruned)"]:
+    if cfg.student.heads_ratio or cfg.student.ffn_ratio or "then channel-pruned" in built.copied:
         _shrink(built, cfg.student, ctx, report)
         student = built.module
     example = task.example_inputs(4, "val")
+    if cfg.student.resolution is not None:
+        _resolution_macs(teacher, student, task, report, built.spec["input_resize"])
     with torch.no_grad():
         t_out, s_out = teacher(*example), student.eval()(*example)
     if t_out.shape != s_out.shape:

@@ -85,6 +85,11 @@ def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.
         from .compact_embedding import apply_vocab_pruning
 
         apply_vocab_pruning(model, model_spec["vocab_pruning"])
+    if model_spec.get("input_resize"):
+        # an image model that sees its input resized (a lower-resolution student)
+        from .input_resize import apply_input_resize
+
+        apply_input_resize(model, model_spec["input_resize"])
     if model_spec.get("bn_folded"):
         # BatchNorm folded into the Conv/Linear before it: the layer gets a bias, the BN goes
         from .fold import apply_folding
