@@ -246,12 +246,22 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
              baseline: Optional[str] = Baseline, overwrite: bool = Overwrite, quiet: bool = Quiet,
              gate: bool = typer.Option(False, "--gate", help=(
                  "Drop every variant that is slower than the baseline, in the runtime that serves it, "
-                 "at any measured batch size (listed in result.json under `gated`)."))) -> None:
+                 "at any measured batch size (listed in result.json under `gated`).")),
+             resume: bool = typer.Option(False, "--resume", help=(
+                 "Continue an interrupted run of this command from the checkpoints its training "
+                 "stages left beside --out (.OUT.checkpoint)."))) -> None:
     """Apply recipes to a model, measure every variant against it, write the report.
+
+    Training stages (distill, fine-tuning) checkpoint each epoch into .OUT.checkpoint beside --out;
+    an interrupted run continues from there with --resume, and the folder goes once the report is
+    written. Started by torchrun, training runs data-parallel over the ranks (gloo on CPU) and
+    rank 0 measures and writes the report.
 
     Example: slimcart compress --task intent --dataset bitext --recipe intent/onnx-int8 --out runs/intent
 
     Example: slimcart compress --task intent --dataset bitext --model my-hf-classifier/ --recipe intent/heads50-ft --out runs/hf
+
+    Example: torchrun --nproc-per-node 2 -m slimcart compress --task intent --dataset bitext --recipe intent/distill2-heads-int8 --out runs/kd
     """
     from .output import check_output
     from .recipe import resolve
@@ -266,15 +276,31 @@ def compress(task: str = typer.Option(..., "--task", help="intent, product_image
     src = resolve_source(model, weights=weights) if model else None
     options = _image_options(image_size, baseline, src.task_options if src is not None else None)
     t = _load_task(task, dataset, data_dir, seed, text_column, label_column, categorical, dense, **options)
-    base = model if model else t.train_baseline(budget, seed=seed, progress=not quiet)
-    res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet, weights=weights,
-                            baseline_info=getattr(base, "slimcart_training", None), drop_slower=gate)
+    ckpt = out_dir.parent / f".{out_dir.name}.checkpoint"
+    if ckpt.exists() and not resume:
+        raise UsageError(f"{ckpt} holds the checkpoints of an interrupted run into {out_dir}.",
+                         "Add --resume to continue it, or delete that folder to start over.")
+    if resume and not ckpt.is_dir():
+        raise UsageError(f"--resume: there is no checkpoint folder {ckpt} to continue from.",
+                         "Run the same command without --resume to start.")
+    with _process_group() as rank:
+        base = model if model else t.train_baseline(budget, seed=seed, progress=not quiet and rank == 0,
+                                                    checkpoint_dir=ckpt / "baseline",
+                                                    checkpoint_every=CHECKPOINT_EVERY)
+        res = pipeline.compress(base, t, recs, measure=measure, progress=not quiet and rank == 0,
+                                weights=weights, baseline_info=getattr(base, "slimcart_training", None),
+                                drop_slower=gate, checkpoints=ckpt)
+    if res is None:  # another rank than 0: rank 0 writes the report
+        return
     for g in res.result.gated:
         out.print(f"gate: dropped {g['name']}: {g['reason']}")
     try:
         res.save(out_dir, overwrite)
     finally:
         res.cleanup()
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
     _print_summary(res.result)
     out.print(f"report: {out_dir / 'report.html'}")
 

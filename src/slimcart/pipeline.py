@@ -78,15 +78,16 @@ class CompressResult:
 
 
 def apply_recipe(state: ModelState, recipe: Recipe, task: Task, workdir: Path,
-                 progress: bool = True) -> tuple[ModelState, list[StageReport]]:
-    """Run a recipe's stages in order on (a copy of) ``state``."""
+                 progress: bool = True, checkpoints: Path | None = None) -> tuple[ModelState, list[StageReport]]:
+    """Run a recipe's stages in order on (a copy of) ``state``. With ``checkpoints``, each training
+    stage keeps a resumable checkpoint there (per epoch) and a rerun continues from it."""
     state = ModelState(state.format, state.spec, copy.deepcopy(state.torch_model), state.onnx_path,
                        dict(state.quant))
     reports = []
     for i, cfg in enumerate(recipe.stages):
         tech = registry.get(technique_name(cfg))
         t0 = time.perf_counter()
-        rep = tech.apply(state, cfg, StageContext(task, workdir, i, progress))
+        rep = tech.apply(state, cfg, StageContext(task, workdir, i, progress, checkpoints))
         rep.seconds = time.perf_counter() - t0
         reports.append(rep)
     return state, reports
@@ -95,14 +96,19 @@ def apply_recipe(state: ModelState, recipe: Recipe, task: Task, workdir: Path,
 def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
              measure: MeasureConfig | None = None, progress: bool = True,
              baseline_info: dict | None = None, weights: str | Path | None = None,
-             drop_slower: bool = False) -> CompressResult:
+             drop_slower: bool = False, checkpoints: Path | None = None) -> CompressResult | None:
     """Compress ``model`` with one recipe or a list of recipes and measure every variant against it.
 
     ``model``: an nn.Module (trained by slimcart, or any module: the task's inputs are its example
     inputs), a slimcart model folder, a Hugging Face sequence-classification folder, an ONNX file,
     or ``"torchvision:NAME"`` / ``"timm:NAME"`` with ``weights`` (a safetensors state dict).
     Variants are scored on validation; all of them are chosen, timed and scored on test.
-    ``drop_slower``: leave out the variants the speed gate marks "slower" (see slimcart.gate)."""
+    ``drop_slower``: leave out the variants the speed gate marks "slower" (see slimcart.gate).
+    ``checkpoints``: a folder where training stages keep resumable checkpoints (one subfolder per
+    variant); a rerun with the same folder resumes them.
+
+    In a torch.distributed group of several ranks (e.g. under torchrun), training stages run
+    data-parallel on every rank; rank 0 alone measures, and the other ranks return None."""
     recipes = [resolve(r) for r in (recipe if isinstance(recipe, (list, tuple)) else [recipe])]
     base_state, source_note, info = baseline_state(model, task, spec=spec, weights=weights)
     problems = [f"{r.source}: {p}" for r in recipes
@@ -111,12 +117,24 @@ def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
         raise RecipeError("(for this model)", problems)
     measure = measure or recipes[0].measure
     workdir = Path(tempfile.mkdtemp(prefix="slimcart-"))
+    if _rank() != 0:  # the stages only: their training is data-parallel; rank 0 measures and saves
+        try:
+            used = {"baseline"}
+            for r in recipes:
+                name = _unique(r.name, used)
+                used.add(name)
+                apply_recipe(base_state, r, task, workdir / "stages" / name, False,
+                             None if checkpoints is None else Path(checkpoints) / name)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return None
     try:
         session = Session(task, measure, workdir, progress=progress)
         session.add("baseline", base_state, baseline=True)
         for r in recipes:
             name = _unique(r.name, set(session.candidates))
-            state, reports = apply_recipe(base_state, r, task, workdir / "stages" / name, progress)
+            state, reports = apply_recipe(base_state, r, task, workdir / "stages" / name, progress,
+                                          None if checkpoints is None else Path(checkpoints) / name)
             cand = session.add(name, state, recipe=r, stages=reports)
             kept = workdir / "stages" / name / "checkpoints"
             if kept.is_dir():  # e.g. gradual pruning's per-step checkpoints, saved with the variant
@@ -215,6 +233,12 @@ def _check_runs(model: torch.nn.Module, task: Task, what: str) -> None:
     if tuple(out.shape) != want:
         raise UsageError(f"{what} returns shape {tuple(out.shape)} on a batch of 2; the task needs {want}.",
                          "The number of classes must match the dataset's.")
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _unique(name: str, used: set[str]) -> str:

@@ -61,6 +61,14 @@ class StageContext:
     workdir: Path
     stage_index: int = 0
     progress: bool = True
+    checkpoints: Path | None = None  # where this variant's training stages keep resumable checkpoints
+
+    def train_checkpoint(self, name: str) -> dict[str, Any]:
+        """Keywords for ``Task.train_model``: a checkpoint folder for this stage's training ``name``,
+        written at each epoch's end, from which a rerun resumes; none without ``checkpoints``."""
+        if self.checkpoints is None:
+            return {}
+        return {"checkpoint_dir": self.checkpoints / f"stage{self.stage_index}-{name}", "checkpoint_every": "epoch"}
 
     def keep(self, name: str) -> Path:
         """A folder whose files are kept with the saved variant (``<variant>/checkpoints/<name>``)."""

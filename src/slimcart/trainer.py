@@ -180,7 +180,7 @@ class Trainer:
     def __init__(self, task: Task, model: nn.Module, cfg: TrainConfig, *,
                  terms: Sequence[LossTerm] | None = None, callbacks: Sequence[Callback] = (),
                  capture: Sequence[str] = (), checkpoint_dir: Path | str | None = None,
-                 checkpoint_every: int = 0, progress: bool = True, desc: str = "train"):
+                 checkpoint_every: int | str = 0, progress: bool = True, desc: str = "train"):
         self.task, self.model, self.cfg = task, model, cfg
         self.terms = list(terms) if terms else task.default_terms(model, cfg)
         names = [t.name for t in self.terms]
@@ -199,10 +199,11 @@ class Trainer:
                                  f"Layers include: {', '.join(valid)}")
         self.capture = {n: modules[n] for n in capture}
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-        self.checkpoint_every = checkpoint_every if self.checkpoint_dir is not None else 0
-
         self.rows = len(task.splits["train"])
         self.steps_per_epoch = math.ceil(self.rows / cfg.batch_size)
+        if checkpoint_every == "epoch":
+            checkpoint_every = self.steps_per_epoch
+        self.checkpoint_every = int(checkpoint_every) if self.checkpoint_dir is not None else 0
         total = math.ceil(cfg.epochs * self.steps_per_epoch)
         self.total = min(total, cfg.max_steps) if cfg.max_steps else total
         self.optimizer = make_optimizer(task, model, cfg)

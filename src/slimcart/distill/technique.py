@@ -210,6 +210,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     if task is None:
         raise UsageError("distill needs a task: the student trains on its data.")
     teacher = state.torch_model.eval()
+    torch.manual_seed(cfg.seed)  # the student's fresh layers start the same whatever ran before
     built = make_student(teacher, state.spec, cfg.student)
     student = built.module
     if cfg.student.heads_ratio or cfg.student.ffn_ratio or "then channel-pruned" in built.copied:
@@ -295,7 +296,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     student.distill_adapters = adapters  # trained with the student, removed before it is saved
     try:
         rec = task.train_model(student, train_cfg, terms=terms, capture=capture,
-                               progress=ctx.progress, desc="distill")
+                               progress=ctx.progress, desc="distill", **ctx.train_checkpoint("distill"))
     finally:
         del student.distill_adapters
         for p in student.parameters():
@@ -311,7 +312,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         params_teacher=before, params_student=after, param_reduction=round(1 - after / before, 4),
         teacher_cache_s=round(cache.seconds, 1), soft_loss=kind,
         terms={t.name: t.weight for t in terms}, layer_pairs=pairs,
-        train={k: rec[k] for k in ("steps", "epochs", "seconds", "final_loss", "terms")},
+        train={k: rec[k] for k in ("steps", "epochs", "seconds", "final_loss", "terms", "resumed_from_step")},
         student_val=rec["val"])
     m = task.primary_metric
     report.notes.append(f"distilled into a student with {after / before:.1%} of the teacher's parameters; "

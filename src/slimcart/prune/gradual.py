@@ -78,7 +78,8 @@ def finetune_masked(ctx: StageContext, model: nn.Module, layers: dict[str, nn.Mo
     base = ctx.task.train_config("full")
     cfg = base.model_copy(update={**update, "seed": base.seed + seed})
     return ctx.task.train_model(model, cfg, progress=ctx.progress, desc=desc,
-                                after_step=lambda _m: apply_masks(layers, masks))
+                                after_step=lambda _m: apply_masks(layers, masks),
+                                **ctx.train_checkpoint(f"finetune{seed}"))
 
 
 def _checkpoint(folder, tag: str, model: nn.Module, info: dict[str, Any]) -> None:

@@ -102,9 +102,9 @@ def importance(cfg: StructuredConfig):
     return tp.importance.GroupTaylorImportance() if taylor else tp.importance.GroupMagnitudeImportance(p=2)
 
 
-def finetune(model: nn.Module, ctx: StageContext, epochs: float, desc: str) -> dict:
+def finetune(model: nn.Module, ctx: StageContext, epochs: float, desc: str, name: str = "finetune") -> dict:
     tcfg = ctx.task.train_config("full").model_copy(update={"epochs": epochs})
-    return ctx.task.train_model(model, tcfg, progress=ctx.progress, desc=desc)
+    return ctx.task.train_model(model, tcfg, progress=ctx.progress, desc=desc, **ctx.train_checkpoint(name))
 
 
 def setup(state: ModelState, cfg: StructuredConfig, ctx: StageContext, report: StageReport):
@@ -191,7 +191,7 @@ def channel_prune(state: ModelState, cfg: ChannelPruneConfig, ctx: StageContext)
                 with blame(model, f"channel_prune: pruning the group of {root}"):
                     group.prune()
         if cfg.finetune_epochs > 0 and step < cfg.iterative_steps - 1:
-            finetune(model, ctx, cfg.finetune_epochs / cfg.iterative_steps, "channel_prune")
+            finetune(model, ctx, cfg.finetune_epochs / cfg.iterative_steps, "channel_prune", f"finetune{step}")
     for n, s in layer_shapes(model).items():
         if s != shapes0[n]:
             report.changed[n] = _dims(shapes0[n], s)

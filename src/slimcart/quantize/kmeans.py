@@ -242,7 +242,7 @@ def _fine_tune(ctx: StageContext, model: nn.Module, chosen: dict[str, tuple[nn.M
             update[key] = getattr(train, key)
     try:
         return ctx.task.train_model(model, base.model_copy(update=update), progress=ctx.progress,
-                                    desc="fine-tune centroids",
+                                    desc="fine-tune centroids", **ctx.train_checkpoint("finetune"),
                                     after_step=(lambda _m: apply_masks(others, masks)) if others else None)
     finally:
         for p in frozen:

@@ -274,7 +274,7 @@ def qat(state: ModelState, cfg: QatConfig, ctx: StageContext) -> StageReport:
                 set_observing(trainer.model, False)
 
     record = task.train_model(model, tcfg, progress=ctx.progress, desc="quantization-aware fine-tuning",
-                              callbacks=[Freeze()])
+                              callbacks=[Freeze()], **ctx.train_checkpoint("qat"))
     set_observing(model, False)
     model.eval()
     for m in model.modules():

@@ -148,7 +148,7 @@ class Task(ABC):
     def train_model(self, model: torch.nn.Module, cfg: TrainConfig, *, progress: bool = True,
                     after_step: Callable[[torch.nn.Module], None] | None = None,
                     desc: str = "train", terms=None, callbacks=(), capture=(),
-                    checkpoint_dir=None, checkpoint_every: int = 0) -> dict[str, Any]:
+                    checkpoint_dir=None, checkpoint_every: int | str = 0) -> dict[str, Any]:
         """Train in place (AdamW, linear warm-up then linear decay), then score the
         validation split. ``after_step`` runs after each optimizer step (e.g. to re-apply
         pruning masks); the other keywords are those of ``slimcart.trainer.Trainer``."""
