@@ -109,6 +109,29 @@ def test_dropped_tokens_read_the_fallback_row(task, tmp_path):
     assert torch.allclose(logits(state.torch_model, (ids, mask)), logits(patched, (ids, mask)), atol=1e-6)
 
 
+def test_nearest_fallback_reads_the_most_similar_kept_row(task, tmp_path):
+    ref = tiny("text")
+    old = ref.encoder.embeddings.word_embeddings.weight.detach()
+    state, rep = prune(task, tmp_path, fallback="nearest")
+    emb = state.torch_model.encoder.embeddings.word_embeddings
+    keep = counts(task) >= 1
+    keep[SPECIALS] = True
+    kept_ids = np.flatnonzero(keep)
+    # kept ids still read their own rows; each dropped id reads the kept row of highest cosine
+    assert torch.equal(emb.id_map[torch.from_numpy(kept_ids)], torch.arange(1, len(kept_ids) + 1, dtype=torch.int32))
+    unit = torch.nn.functional.normalize(old, dim=1)
+    for i in np.flatnonzero(~keep):
+        want = kept_ids[int((unit[kept_ids] @ unit[i]).argmax())]
+        assert torch.equal(emb.weight[emb.id_map[i]], old[want]), i
+    ids, mask = task.example_inputs(8, "test")
+    as_nearest = torch.from_numpy(kept_ids)[emb.id_map[ids].long() - 1]
+    assert torch.allclose(logits(state.torch_model, (ids, mask)), logits(ref, (as_nearest, mask)), atol=1e-6)
+    assert any("closest to its own" in n for n in rep.notes)
+    again = build(state.spec)  # the id map is a saved buffer: the folder reloads it as it is
+    load_strict(again, state.torch_model.state_dict(), "test")
+    assert torch.equal(logits(again, (ids, mask)), logits(state.torch_model, (ids, mask)))
+
+
 def test_spec_rebuilds_and_loads_strictly_alone_and_with_later_stages(task, tmp_path):
     state, _ = prune(task, tmp_path)
     rebuilt = build(state.spec)

@@ -5,7 +5,9 @@ models) + hidden_loss * mean hidden-state MSE over the mapped layers (through a 
 1x1-conv adapter where the widths differ) + attention_loss * MiniLM relation KL on the last layer
 (attention distributions Q-K and value relation V-V) + ranking_loss * pairwise ranking distillation
 (within the groups of ``group_field``, else within the batch). The teacher's outputs are computed
-once (``teacher.py``); the student trains with the task's optimizer and schedule (``Trainer``).
+once (``teacher.py``); the student trains with the task's optimizer and schedule (``Trainer``),
+data-parallel in a torch.distributed group (ranking pairs then form within each rank's share of a
+batch), with per-epoch checkpoints when the stage context has a checkpoint folder.
 """
 from __future__ import annotations
 

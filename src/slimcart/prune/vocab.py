@@ -7,7 +7,10 @@ is not touched, so a saved bundle tokenizes as before. A token is kept when it o
 ``min_count`` times at the non-padding positions (attention mask) of the ``splits`` counted;
 with ``keep_special`` the tokenizer's special ids ([PAD], [UNK], [CLS], [SEP], [MASK]) are kept
 too. The fallback row is the [UNK] row (``fallback: unk``) or the plain mean of the dropped rows
-(``mean``). Inputs whose tokens are all kept give exactly the logits they gave before.
+(``mean``); with ``fallback: nearest`` each dropped token reads instead the kept row closest to its
+own (cosine similarity of the embedding rows), so an unseen word keeps a vector near its meaning
+for the cost of the id map alone. Inputs whose tokens are all kept give exactly the logits they gave
+before.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class VocabPruneConfig(TechniqueConfig):
     min_count: int = Field(default=1, ge=1)
     splits: list[str] = ["train"]
     keep_special: bool = True
-    fallback: Literal["unk", "mean"] = "unk"
+    fallback: Literal["unk", "mean", "nearest"] = "unk"
 
     @field_validator("splits")
     @classmethod
@@ -109,6 +112,22 @@ def token_counts(ctx: StageContext, splits: list[str], num_ids: int) -> tuple[np
     return counts, positions
 
 
+def nearest_rows(table: CompactEmbedding, weight: torch.Tensor, keep: np.ndarray, chunk: int = 4096) -> None:
+    """Point every dropped id of ``table``'s id map at the kept row most similar (cosine) to its own
+    row of ``weight``, the table before pruning."""
+    kept_ids, dropped = np.flatnonzero(keep), np.flatnonzero(~keep)
+    if not dropped.size or not kept_ids.size:
+        return
+    unit = torch.nn.functional.normalize(weight.float(), dim=1)
+    kept_unit = unit[torch.from_numpy(kept_ids)]
+    rows = table.id_map[torch.from_numpy(kept_ids)]  # the compact row of each kept id
+    with torch.no_grad():
+        for start in range(0, dropped.size, chunk):
+            ids = torch.from_numpy(dropped[start:start + chunk])
+            best = (unit[ids] @ kept_unit.T).argmax(1)
+            table.id_map[ids] = rows[best]
+
+
 def _tied(model: nn.Module, name: str, weight: torch.Tensor) -> list[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False)
             if p is weight and n != f"{name}.weight"]
@@ -143,6 +162,8 @@ def vocab_prune(state: ModelState, cfg: VocabPruneConfig, ctx: StageContext) -> 
         return report
     fallback = emb.weight[unk_id(ctx, model, num_ids)] if cfg.fallback == "unk" else None
     new = compact_table(emb, np.flatnonzero(keep), fallback=fallback)
+    if cfg.fallback == "nearest":
+        nearest_rows(new, emb.weight.detach(), keep)
     parent, _, child = name.rpartition(".")
     model.get_submodule(parent)._modules[child] = new
     state.spec = {**state.spec, "vocab_pruning": {"module": name, "num_ids": num_ids, "kept_rows": kept}}
@@ -152,10 +173,12 @@ def vocab_prune(state: ModelState, cfg: VocabPruneConfig, ctx: StageContext) -> 
                     "special_ids_kept": len(specials), "bytes_before": before, "bytes_after": after,
                     "positions_counted": positions,
                     "positions_remapped_share": remapped / positions if positions else 0.0}
-    source = "the [UNK] token's vector" if cfg.fallback == "unk" else "the mean of the dropped rows"
+    source = {"unk": "one fallback row (the [UNK] token's vector)",
+              "mean": "one fallback row (the mean of the dropped rows)",
+              "nearest": "the kept row closest to its own (cosine)"}[cfg.fallback]
     report.notes.append(f"kept {kept} of {num_ids} word embeddings (tokens seen at least "
-                        f"{cfg.min_count}x in {', '.join(cfg.splits)}); every other token now reads one "
-                        f"fallback row ({source}). The tokenizer is unchanged.")
+                        f"{cfg.min_count}x in {', '.join(cfg.splits)}); every other token now reads "
+                        f"{source}. The tokenizer is unchanged.")
     if "test" in cfg.splits:
         report.notes.append("the test split's tokens were counted, so test metrics do not show "
                             "how the model handles unseen words.")
