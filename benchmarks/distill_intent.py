@@ -93,7 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="benchmarks/results/distill_intent.md", type=Path)
     ap.add_argument("--runs", default="runs/bench", type=Path)
-    ap.add_argument("--layers", default="1,2,3", help="student sizes of the with/without table ('' skips it)")
+    ap.add_argument("--layers", default="1,2,3", help=(
+        "student sizes of the with/without table ('': not rerun; the table of an existing --out is kept)"))
     ap.add_argument("--epochs", default=4.0, type=float)
     import slimcart as sc
 
@@ -108,12 +109,16 @@ def main() -> None:
         keep = old_rows(head)
         head = head.split("### What distillation adds", 1)[0]
     else:
+        old = args.out.read_text() if args.out.is_file() else ""
+        table = ""
+        if not args.layers and "### What distillation adds" in old:
+            table = "### What distillation adds" + old.split("### What distillation adds", 1)[1].split("### intent / banking77")[0]
         measure = MeasureConfig(batch_sizes=[1, 32], runtimes=["torch", "onnxruntime"], deployed=False,
                                 memory=False, throughput_seconds=0)
         text, res = run_section("intent", "banking77", RECIPES, args.runs, "distill", measure=measure)
         head = ("## Distillation: the intent model (banking77), stacked with pruning and int8\n\n" + headline(res) + "\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(head + text)
+        args.out.write_text(head + table + text + f"\n_Total run time: {time.time() - t0:.0f} s._\n")
     if args.layers:
         task = sc.load_task("intent", "banking77")
         table = students(task, baseline(task), [int(k) for k in args.layers.split(",")], args.epochs, keep)

@@ -327,3 +327,37 @@ def test_teacher_key_covers_every_tensor():
     with torch.no_grad():
         model.fc.bias[0] += 1e-3
     assert weights_key(model) != key
+
+
+def test_crop_flip_copies_and_the_image_augmentation_term(tmp_path):
+    from slimcart.distill.image_augment import crop_flip
+    from slimcart.tasks.product_image import ProductImageTask
+
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.full((8, 3, 16, 16), 0.3)
+    torch.testing.assert_close(crop_flip(flat, gen, 0.5), flat)  # a crop of a flat image is flat
+    ramp = torch.linspace(0, 1, 16).expand(8, 3, 16, 16).contiguous()  # brighter to the right
+    out = crop_flip(ramp, gen, 0.5)
+    assert out.shape == ramp.shape and out.min() >= 0 and out.max() <= 1
+    steps = out[:, 0, 8].diff(dim=-1)  # each row of each copy runs one way: kept or mirrored
+    assert bool(((steps >= -1e-6).all(1) | (steps <= 1e-6).all(1)).all())
+    assert bool((steps.sum(1) < 0).any() and (steps.sum(1) > 0).any())  # some mirrored, some not
+    # the term on a tiny image task: the student learns from the teacher's answers on the crops
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(90, 3, 16, 16, generator=g), torch.randint(0, 5, (90,), generator=g)
+    full, idx = Split((x,), y), torch.arange(90)
+    task = ProductImageTask(dataset="tiny", splits={"train": full.take(idx[:60]), "val": full.take(idx[60:75]),
+                                                   "test": full.take(idx[75:])},
+                            info={"num_classes": 5, "classes": list("abcde"), "input_shape": [3, 16, 16]})
+    spec = dict(TINY["cnn"], config={**TINY["cnn"]["config"], "in_channels": 3, "image_size": 16})
+    torch.manual_seed(0)
+    teacher = build(spec)
+    state = ModelState.from_module(teacher.eval(), spec)
+    report = distill(state, DistillConfig(student={"width": 0.5}, epochs=1, alpha=0.5, augment_crop=0.6),
+                     StageContext(task=task, workdir=tmp_path, progress=False))
+    assert set(report.stats["terms"]) == {"task", "soft", "crop_copy"}
+    assert report.stats["train"]["terms"]["crop_copy"] > 0
+    text = ModelState.from_module(tiny("text"), TINY["text"])
+    with pytest.raises(UsageError, match="augment_crop is for image classifiers"):
+        distill(text, DistillConfig(student={"layers": 1}, augment_crop=0.5),
+                StageContext(task=text_task(), workdir=tmp_path, progress=False))

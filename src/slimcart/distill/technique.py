@@ -42,6 +42,9 @@ class DistillConfig(TechniqueConfig):
     augment_mask: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
         "text: each batch is also seen with this share of its tokens replaced by [MASK], with the "
         "teacher's soft targets computed on that copy (0: no augmentation)"))
+    augment_crop: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
+        "images: each batch is also seen as random crops of at least this share of each side, "
+        "resized and mirrored, with the teacher's soft targets on the same crops (0: none)"))
     seed: int = 0
 
 
@@ -273,6 +276,14 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         terms.append(Ranking(cache, cfg.temperature, field_index, cfg.ranking_loss))
     if cfg.augment_mask > 0:
         terms.append(_masked_copy(teacher, task, cfg, kind))
+    if cfg.augment_crop > 0:
+        if example[0].dim() != 4 or len(example) != 1 or kind != "kl":
+            raise UsageError("distill: augment_crop is for image classifiers (one input of shape "
+                             "batch x channels x height x width).", "Set augment_crop: 0.")
+        from .image_augment import CropFlipCopy
+
+        terms.append(CropFlipCopy(teacher, cfg.augment_crop, cfg.temperature,
+                                  1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed))
     if not terms:
         raise UsageError("distill: every loss weight is 0.", "Give alpha < 1 or a positive hidden_loss.")
 

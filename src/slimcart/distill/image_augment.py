@@ -1,0 +1,48 @@
+"""Augmented copies for image distillation: each training batch is also seen as random crops
+(a share ``min_scale``..1 of each side, aspect ratio kept within 3:4..4:3) resized back to the input
+size and flipped left-right half of the time, and the student matches the teacher's soft targets on
+that copy. Teacher and student see the same crop, so the teacher's answer is exact for what the
+student sees ("consistent" function matching, Beyer et al. 2022); with few labelled photos, these
+targets say more than the labels on the stored images. The teacher runs on each copy (no cache)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..trainer import Batch, LossTerm
+from . import losses
+
+
+def crop_flip(x: Tensor, gen: torch.Generator, min_scale: float) -> Tensor:
+    """Per image: a random crop of ``min_scale``..1 of each side, resized to the input size
+    (bilinear), mirrored with probability 1/2; one batched grid_sample."""
+    n = x.shape[0]
+    area = min_scale ** 2 + (1 - min_scale ** 2) * torch.rand(n, generator=gen)
+    log_ratio = (torch.rand(n, generator=gen) * 2 - 1) * math.log(4 / 3)
+    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+class CropFlipCopy(LossTerm):
+    """Soft-target KL on a crop-and-flip copy of the batch, the teacher scoring the same copy. It
+    calls the student again, so it must be the last term (captured layers are overwritten)."""
+
+    def __init__(self, teacher: nn.Module, min_scale: float, temperature: float, weight: float, seed: int):
+        self.teacher, self.min_scale, self.t, self.weight, self.name = teacher, min_scale, temperature, weight, "crop_copy"
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
+        x = crop_flip(batch.inputs[0], self.gen, self.min_scale)
+        with torch.inference_mode():
+            target = self.teacher(x).float()
+        return losses.soft_kl(model(x), target.clone(), self.t)
