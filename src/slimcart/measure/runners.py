@@ -167,6 +167,11 @@ class CompiledRunner(TorchRunner):
 
 # ---- ONNX Runtime ----------------------------------------------------------------------------
 
+# ONNX model metadata: comma-separated ONNX Runtime graph optimizers that every session on the model
+# keeps off (written by ort_transformer_optimize with skip_layer_norm: false)
+DISABLED_OPTIMIZERS_KEY = "slimcart.ort.disabled_optimizers"
+
+
 def _ort_levels():
     import onnxruntime as ort
 
@@ -188,6 +193,7 @@ class OrtRunner(Runner):
         super().__init__()
         import onnxruntime as ort
 
+        self.disabled_optimizers: list[str] = []
         opts = ort.SessionOptions()
         if threads != 0:
             opts.intra_op_num_threads = threads or torch.get_num_threads()
@@ -209,6 +215,11 @@ class OrtRunner(Runner):
         model = _fp16_graph(path) if fp16 else str(path)
         try:
             self.session = ort.InferenceSession(model, opts, providers=providers)
+            off = self.session.get_modelmeta().custom_metadata_map.get(DISABLED_OPTIMIZERS_KEY, "")
+            if off:  # the graph asks for some of ONNX Runtime's own fusions to stay off
+                self.disabled_optimizers = [o.strip() for o in off.split(",") if o.strip()]
+                self.session = ort.InferenceSession(model, opts, providers=providers,
+                                                    disabled_optimizers=self.disabled_optimizers)
         except Exception as exc:  # ONNX Runtime raises its own types for damaged or unsupported graphs
             raise ModelError(f"ONNX Runtime cannot open {path}: {str(exc)[:300]}",
                              "The file is damaged or uses operators this ONNX Runtime lacks.") from None
