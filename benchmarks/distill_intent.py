@@ -19,7 +19,7 @@ from common import baseline, markdown_table, run_section  # noqa: E402
 
 from slimcart.recipe import MeasureConfig  # noqa: E402
 
-RECIPES = ["intent/onnx-int8", "intent/distill2-heads-int8"]
+RECIPES = ["intent/onnx-int8", "intent/distill2-heads-int8", "intent/distill3-heads-int8"]
 REFERENCE = "onnx-int8"
 
 
