@@ -47,6 +47,7 @@ bench: install fashion-mnist
 	$(PY) benchmarks/embedding_quant.py
 	$(PY) benchmarks/deep_compression.py
 	$(PY) benchmarks/distill_intent.py
+	$(PY) benchmarks/vocab_fallback.py
 	$(PY) benchmarks/distill_ctr.py
 	$(PY) benchmarks/assemble.py
 
