@@ -26,6 +26,7 @@ from .recipe import MeasureConfig, Recipe, check_order, resolve, technique_name
 from .result import Result, Variant
 from .stage import ModelState, StageContext, StageReport
 from .tasks.base import Task
+from .trainer import world_and_rank
 
 SPEC_ATTR = "slimcart_spec"
 
@@ -116,25 +117,28 @@ def compress(model: Any, task: Task, recipe: Any, *, spec: dict | None = None,
     if problems:
         raise RecipeError("(for this model)", problems)
     measure = measure or recipes[0].measure
+    used, named = {"baseline"}, []
+    for r in recipes:
+        named.append((_unique(r.name, used), r))
+        used.add(named[-1][0])
     workdir = Path(tempfile.mkdtemp(prefix="slimcart-"))
-    if _rank() != 0:  # the stages only: their training is data-parallel; rank 0 measures and saves
+
+    def stages(name: str, r: Recipe, show: bool) -> tuple[ModelState, list[StageReport]]:
+        return apply_recipe(base_state, r, task, workdir / "stages" / name, show,
+                            None if checkpoints is None else Path(checkpoints) / name)
+
+    if world_and_rank()[1] != 0:  # the stages only: their training is data-parallel; rank 0 measures
         try:
-            used = {"baseline"}
-            for r in recipes:
-                name = _unique(r.name, used)
-                used.add(name)
-                apply_recipe(base_state, r, task, workdir / "stages" / name, False,
-                             None if checkpoints is None else Path(checkpoints) / name)
+            for name, r in named:
+                stages(name, r, False)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return None
     try:
         session = Session(task, measure, workdir, progress=progress)
         session.add("baseline", base_state, baseline=True)
-        for r in recipes:
-            name = _unique(r.name, set(session.candidates))
-            state, reports = apply_recipe(base_state, r, task, workdir / "stages" / name, progress,
-                                          None if checkpoints is None else Path(checkpoints) / name)
+        for name, r in named:
+            state, reports = stages(name, r, progress)
             cand = session.add(name, state, recipe=r, stages=reports)
             kept = workdir / "stages" / name / "checkpoints"
             if kept.is_dir():  # e.g. gradual pruning's per-step checkpoints, saved with the variant
@@ -233,12 +237,6 @@ def _check_runs(model: torch.nn.Module, task: Task, what: str) -> None:
     if tuple(out.shape) != want:
         raise UsageError(f"{what} returns shape {tuple(out.shape)} on a batch of 2; the task needs {want}.",
                          "The number of classes must match the dataset's.")
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _unique(name: str, used: set[str]) -> str:

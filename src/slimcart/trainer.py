@@ -217,7 +217,7 @@ class Trainer:
         self.resumed_from: int | None = None
         self._rng: Tensor | None = None
         self._hidden: dict[str, Tensor] = {}
-        self.world, self.rank = _world_and_rank()
+        self.world, self.rank = world_and_rank()
         if self.checkpoint_dir is not None and (self.checkpoint_dir / STATE).is_file():
             self._load()
 
@@ -447,7 +447,7 @@ class Trainer:
                                                                if k.startswith(prefix)}})
 
 
-def _world_and_rank() -> tuple[int, int]:
+def world_and_rank() -> tuple[int, int]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

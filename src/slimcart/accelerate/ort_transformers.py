@@ -127,28 +127,22 @@ def _optimize(graph: Path, heads: int, hidden: int, cfg: OrtTransformerOptimizeC
     return model, fused, note
 
 
-def _time(model, ctx: StageContext, name: str) -> dict[str, float]:
-    """p50 ms of ONNX Runtime on ``model`` at batch 1 and 32 of the task's validation rows."""
-    import time
-
+def _time(models: dict, ctx: StageContext) -> dict[str, dict[str, float]]:
+    """p50 ms of ONNX Runtime on each graph of ``models`` (name -> ModelProto) at batch 1 and 32 of
+    the task's validation rows, the graphs timed interleaved in rounds (measure.latency)."""
+    from ..measure.latency import interleaved
     from ..measure.runners import OrtRunner
 
-    path = ctx.path(name)
-    onnx.save(model, str(path))
-    runner = OrtRunner(path, ctx.task.input_names)
     big = ctx.task.example_inputs(32, "val")
-    out = {}
-    for b in (1, 32):
-        x = ctx.task.collate(tuple(t[:b] for t in big))
-        for _ in range(3):
-            runner(x)
-        times = []
-        for _ in range(40 if b == 1 else 15):
-            t0 = time.perf_counter()
-            runner(x)
-            times.append(time.perf_counter() - t0)
-        out[str(b)] = round(sorted(times)[len(times) // 2] * 1000, 3)
-    return out
+    cases = {}
+    for name, model in models.items():
+        path = ctx.path(f"{name}.onnx")
+        onnx.save(model, str(path))
+        runner = OrtRunner(path, ctx.task.input_names)
+        for b in (1, 32):
+            cases[(name, str(b))] = (runner, ctx.task.collate(tuple(t[:b] for t in big)), b)
+    timed = interleaved(cases, rounds=10, warmup=2, calls_per_block=3, progress=False)
+    return {name: {b: round(timed[(name, b)].summary()["p50"], 3) for b in ("1", "32")} for name in models}
 
 
 @register("ort_transformer_optimize", OrtTransformerOptimizeConfig, accepts=(ONNX,),
@@ -168,7 +162,7 @@ def ort_transformer_optimize(state: ModelState, cfg: OrtTransformerOptimizeConfi
     if cfg.skip_layer_norm == "auto":
         model, fused, report.stats["shape_inference"] = _optimize(graph, heads, hidden, cfg, True)
         alt = _optimize(graph, heads, hidden, cfg, False)
-        timed = {"fused": _time(model, ctx, "with-sln.onnx"), "unfused": _time(alt[0], ctx, "without-sln.onnx")}
+        timed = _time({"fused": model, "unfused": alt[0]}, ctx)
         gain = sum(timed["fused"][b] / timed["unfused"][b] for b in timed["fused"]) / len(timed["fused"])
         report.stats["skip_layer_norm_p50_ms"] = timed
         if gain > 1.03:  # the unfused graph is faster by more than the timing noise

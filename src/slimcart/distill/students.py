@@ -115,13 +115,11 @@ def _pretrained_image(teacher, spec, cfg) -> Student:
         raise UsageError("distill: a pretrained image student needs student.resolution (pixels, e.g. 112) "
                          "and/or student.width below 1 (the share of channels kept), e.g. student: {width: 0.5}.")
     new, copied = copy.deepcopy(spec), ["all layers"]
-    module = build(new)
-    module.load_state_dict(teacher.state_dict())
     if cfg.resolution is not None:
         new["input_resize"] = [cfg.resolution, cfg.resolution]
-        module = build(new)
-        module.load_state_dict(teacher.state_dict())
         copied.append(f"input resized to {cfg.resolution} px")
+    module = build(new)
+    module.load_state_dict(teacher.state_dict())
     if cfg.width is not None:
         copied.append("then channel-pruned")
     return Student(module, new, {}, copied)
