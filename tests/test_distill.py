@@ -1,5 +1,6 @@
 """Distillation: each loss against hand-computed values, the student builders, the teacher cache,
 the bad-input errors, and the stage end to end on tiny models (a student that learns its teacher)."""
+import copy
 import math
 
 import numpy as np
@@ -52,6 +53,13 @@ def test_hidden_mse_counts_only_valid_positions():
     s, t = torch.zeros(1, 3, 2), torch.tensor([[[1.0, 1.0], [2.0, 2.0], [9.0, 9.0]]])
     assert losses.hidden_mse(s, t, torch.tensor([[1, 1, 0]])).item() == pytest.approx((1 + 1 + 4 + 4) / 4)
     assert losses.hidden_mse(s, t).item() == pytest.approx((2 + 8 + 162) / 6)
+
+
+def test_relation_heads_divide_both_widths():
+    # 4 student heads of 32 against the teacher's 12 of 32: 12 does not divide 128, 8 is the most that does
+    assert losses.relation_heads(12, 128, 384) == 8
+    assert losses.relation_heads(12, 192, 384) == 12 and losses.relation_heads(12, 384, 384) == 12
+    assert losses.relation_heads(4, 0, 64) == 4
 
 
 def test_relation_kl_matches_hand_computed_values():
@@ -251,6 +259,37 @@ def test_narrow_student_with_masked_copies(trained_teacher, tmp_path):
                            examples=task.example_inputs(2, "val"), input_names=task.input_names)
     x = task.example_inputs(4, "test")
     torch.testing.assert_close(artifact.load(folder).torch_model(*x), state.torch_model(*x))
+
+
+def test_narrow_student_ranks_by_taylor_importance(trained_teacher, tmp_path):
+    """student.importance: taylor narrows the built student exactly as head_prune ranks it by gradients."""
+    from slimcart.distill.technique import _shrink
+    from slimcart.prune.structured import HeadPruneConfig, head_prune
+    from slimcart.stage import StageReport
+
+    task, teacher = trained_teacher
+    scfg = StudentConfig(layers=2, heads_ratio=0.5, ffn_ratio=0.5, importance="taylor")
+    with pytest.raises(UsageError, match="student.importance does not apply to a cnn"):
+        make_student(build(TINY["cnn"]), TINY["cnn"], StudentConfig(width=0.5, importance="taylor"))
+    built, report = make_student(teacher, TEXT3, scfg), StageReport("distill", {})
+    ref = ModelState.from_module(copy.deepcopy(built.module), copy.deepcopy(built.spec))
+    torch.manual_seed(0)
+    _shrink(built, scfg, StageContext(task, tmp_path), report)
+    torch.manual_seed(0)
+    direct = head_prune(ref, HeadPruneConfig(heads_ratio=0.5, ffn_ratio=0.5, importance="taylor"),
+                        StageContext(task, tmp_path))
+    direct_state = ref
+    assert report.changed == {k: f"student: {v}" for k, v in direct.changed.items()}
+    kept, ref_kept = built.module.state_dict(), direct_state.torch_model.state_dict()
+    assert all(torch.equal(kept[k], ref_kept[k]) for k in kept)
+    by_magnitude = make_student(teacher, TEXT3, scfg)
+    _shrink(by_magnitude, scfg.model_copy(update={"importance": "magnitude"}), StageContext(task, tmp_path),
+            StageReport("distill", {}))
+    other = by_magnitude.module.state_dict()
+    assert other.keys() == kept.keys()
+    assert not all(torch.equal(kept[k], other[k]) for k in kept)  # the gradients keep other neurons here
+    layer = built.module.encoder.encoder.layer[1]
+    assert layer.attention.self.num_attention_heads == 2 and layer.intermediate.dense.out_features == 32
 
 
 def test_pretrained_image_student_is_the_channel_pruned_teacher(tmp_path):

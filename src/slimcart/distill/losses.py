@@ -70,6 +70,11 @@ def relation(a: Tensor, b: Tensor, heads: int, mask: Tensor | None) -> Tensor:
     return F.log_softmax(scores, dim=-1)
 
 
+def relation_heads(heads: int, *widths: int) -> int:
+    """The most relation heads, at most ``heads``, that divide every width (0 widths are ignored)."""
+    return max(r for r in range(1, max(1, heads) + 1) if all(w % r == 0 for w in widths if w))
+
+
 def relation_kl(student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor], heads: int,
                 mask: Tensor | None = None) -> Tensor:
     """KL(teacher relation || student relation), for the pairs (A, B) of each side: (queries, keys)

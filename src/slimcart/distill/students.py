@@ -4,7 +4,8 @@
   the teacher's n layers, initialised from the teacher layers named by ``layer_map`` (0-based;
   default: evenly spaced, ending with the last), with the embeddings and the head copied;
   ``heads_ratio`` / ``ffn_ratio`` then remove that share of each layer's heads / FFN neurons
-  (``head_prune``'s magnitude ranking) before the student trains, so the narrow student learns
+  (``head_prune``'s ranking, by weight magnitude or, with ``importance: taylor``, by the student's
+  task-loss gradients) before the student trains, so the narrow student learns
   from the teacher directly.
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
 - Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): a
@@ -47,6 +48,9 @@ class StudentConfig(BaseModel):
         "transformers: fraction of each student layer's attention heads removed before training"))
     ffn_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
         "transformers: fraction of each student layer's FFN width removed before training"))
+    importance: Literal["magnitude", "taylor"] = Field(default="magnitude", description=(
+        "transformers and pretrained image networks: how the heads / neurons / channels removed before "
+        "training are ranked (taylor: task-loss gradients of the student on training batches)"))
     width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
     resolution: int | None = Field(default=None, ge=16, description=(
         "pretrained image networks: the side in pixels the student resizes its input to"))
@@ -66,8 +70,8 @@ class Student:
 
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
-    keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio"}, "cnn": {"width", "blocks"},
-            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution"}}[family]
+    keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio", "importance"}, "cnn": {"width", "blocks"},
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution", "importance"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)
     if wrong:

@@ -169,9 +169,11 @@ def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
     from ..prune.structured import ChannelPruneConfig, HeadPruneConfig, channel_prune, head_prune
 
     if scfg.heads_ratio or scfg.ffn_ratio:
-        prune, pcfg = head_prune, HeadPruneConfig(heads_ratio=scfg.heads_ratio, ffn_ratio=scfg.ffn_ratio)
+        prune, pcfg = head_prune, HeadPruneConfig(heads_ratio=scfg.heads_ratio, ffn_ratio=scfg.ffn_ratio,
+                                          importance=scfg.importance)
     else:
-        prune, pcfg = channel_prune, ChannelPruneConfig(ratio=round(1 - scfg.width, 6), round_to=8)
+        prune, pcfg = channel_prune, ChannelPruneConfig(ratio=round(1 - scfg.width, 6), round_to=8,
+                                                   importance=scfg.importance)
     sub = ModelState.from_module(built.module, built.spec)
     rep = prune(sub, pcfg, ctx)
     built.module, built.spec = sub.torch_model, sub.spec
@@ -260,6 +262,12 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
                              "Set attention_loss: 0.")
         names += [f"{t_attn}.{n}" for n in qkv]
         capture += [f"{s_attn}.{n}" for n in qkv]
+        tmods = dict(teacher.named_modules())
+        widths = [getattr(m.get(f"{a}.query"), "out_features", 0) for m, a in ((mods, s_attn), (tmods, t_attn))]
+        # MiniLM-v2 relation heads: the teacher's head count, or fewer where a narrowed student's width
+        # (e.g. 4 heads of 32) is not a multiple of it
+        rel_heads = losses.relation_heads(built.heads[1], *widths)
+        report.stats["relation_heads"] = rel_heads
     cache = teacher_outputs(teacher, task, names)
 
     terms: list[LossTerm] = []
@@ -271,7 +279,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     if pairs:
         terms.append(HiddenStates(task, cache, pairs, adapters, cfg.hidden_loss))
     if cfg.attention_loss > 0:
-        terms.append(Relations(task, cache, s_attn, t_attn, built.heads[0], cfg.attention_loss))
+        terms.append(Relations(task, cache, s_attn, t_attn, rel_heads, cfg.attention_loss))
     if cfg.ranking_loss > 0:
         terms.append(Ranking(cache, cfg.temperature, field_index, cfg.ranking_loss))
     if cfg.augment_mask > 0:
