@@ -10,7 +10,8 @@
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
 - Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): a
   copy of the teacher that sees its input at ``resolution`` pixels (resized inside the model, so it
-  is served with the teacher's preprocessing; MACs fall with the pixel count) and/or has ``1 - width``
+  is served with the teacher's preprocessing; MACs fall with the pixel count), that keeps ``blocks``
+  of each stage's blocks (``depth.py``: the residual blocks whose removal matters least go), and/or has ``1 - width``
   of its prunable channels removed (``channel_prune``, magnitude ranking, widths rounded to
   multiples of 8), so the student starts from the teacher's fine-tuned features.
 - ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import UsageError
 from ..models import build
 
-TRANSFORMS = ("reshape", "row_pruning", "bn_folded", "embedding_quant", "weight_only", "half",
+TRANSFORMS = ("kept_blocks", "reshape", "row_pruning", "bn_folded", "embedding_quant", "weight_only", "half",
               "vocab_pruning", "input_resize")
 
 
@@ -54,7 +55,9 @@ class StudentConfig(BaseModel):
     width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
     resolution: int | None = Field(default=None, ge=16, description=(
         "pretrained image networks: the side in pixels the student resizes its input to"))
-    blocks: list[int] | None = Field(default=None, description="CNN: residual blocks per stage")
+    blocks: list[int] | None = Field(default=None, description=(
+        "CNN: residual blocks per stage; pretrained image networks: blocks kept per stage (the first, "
+        "then those whose removal moves the predictions most)"))
     embed_dim: int | None = Field(default=None, ge=1, description="DeepFM: embedding dimension")
     hidden: list[int] | None = Field(default=None, description="DeepFM / MLP: hidden layer widths")
 
@@ -71,7 +74,7 @@ class Student:
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
     keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio", "importance"}, "cnn": {"width", "blocks"},
-            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution", "importance"}}[family]
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution", "blocks", "importance"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)
     if wrong:
@@ -115,15 +118,18 @@ def _pretrained_image(teacher, spec, cfg) -> Student:
     if cfg.width is not None and cfg.width >= 1:
         raise UsageError(f"distill: student.width is {cfg.width}; a pruned image student keeps a share of "
                          "the teacher's channels below 1, e.g. student: {width: 0.5}.")
-    if cfg.width is None and cfg.resolution is None:
-        raise UsageError("distill: a pretrained image student needs student.resolution (pixels, e.g. 112) "
-                         "and/or student.width below 1 (the share of channels kept), e.g. student: {width: 0.5}.")
+    if cfg.width is None and cfg.resolution is None and cfg.blocks is None:
+        raise UsageError("distill: a pretrained image student needs student.resolution (pixels, e.g. 112), "
+                         "student.blocks (blocks kept per stage) and/or student.width below 1 (the share of "
+                         "channels kept), e.g. student: {width: 0.5}.")
     new, copied = copy.deepcopy(spec), ["all layers"]
     if cfg.resolution is not None:
         new["input_resize"] = [cfg.resolution, cfg.resolution]
         copied.append(f"input resized to {cfg.resolution} px")
     module = build(new)
     module.load_state_dict(teacher.state_dict())
+    if cfg.blocks is not None:
+        copied.append("then shortened")
     if cfg.width is not None:
         copied.append("then channel-pruned")
     return Student(module, new, {}, copied)

@@ -184,13 +184,14 @@ def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
 
 def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, size) -> None:
     """MACs and parameters of teacher and student at one input (Torch-Pruning's counter, which sees
-    the student's resize), in the stats the channel-pruned student reports."""
+    the student's resize and its removed blocks), in the stats the channel-pruned student reports."""
     from ..prune.structured import count
 
     one = task.example_inputs(1, "val")
     (mb, pb), (ma, pa) = count(teacher, one), count(student, one)
     report.stats["student_narrowed"] = {"params_before": pb, "params_after": pa, "macs_before": mb, "macs_after": ma}
-    report.changed["input"] = f"student: resized to {size[0]}x{size[1]} px inside the model"
+    if size:
+        report.changed["input"] = f"student: resized to {size[0]}x{size[1]} px inside the model"
 
 
 def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
@@ -220,12 +221,17 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     torch.manual_seed(cfg.seed)  # the student's fresh layers start the same whatever ran before
     built = make_student(teacher, state.spec, cfg.student)
     student = built.module
+    if "then shortened" in built.copied:
+        from .depth import shorten
+
+        shorten(built, cfg.student.blocks, task, report)
+        student = built.module
     if cfg.student.heads_ratio or cfg.student.ffn_ratio or "then channel-pruned" in built.copied:
         _shrink(built, cfg.student, ctx, report)
         student = built.module
     example = task.example_inputs(4, "val")
-    if cfg.student.resolution is not None:
-        _resolution_macs(teacher, student, task, report, built.spec["input_resize"])
+    if cfg.student.resolution or cfg.student.blocks:  # against the teacher, after every change
+        _resolution_macs(teacher, student, task, report, built.spec.get("input_resize"))
     with torch.no_grad():
         t_out, s_out = teacher(*example), student.eval()(*example)
     if t_out.shape != s_out.shape:

@@ -70,6 +70,11 @@ def build(model_spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.Module:
+    if model_spec.get("kept_blocks"):
+        # a shallower image network: residual blocks removed from its stages (before any narrowing)
+        from .drop_blocks import apply_kept_blocks
+
+        apply_kept_blocks(model, model_spec["kept_blocks"])
     if model_spec.get("reshape"):
         # a structurally pruned model: the base architecture with some layers narrowed
         from .reshape import apply_reshape
