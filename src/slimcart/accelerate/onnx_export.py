@@ -26,20 +26,37 @@ class OnnxExportConfig(TechniqueConfig):
 
 def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path,
                 input_names: tuple[str, ...], dynamic_axes: dict, opset: int = 17) -> Path:
-    """torch.onnx.export with the TorchScript exporter (one self-contained file)."""
+    """torch.onnx.export with the TorchScript exporter (one self-contained file); TF "same" padding
+    is exported with the constant amounts of ``example``'s height and width (``static_pad.py``)."""
+    from .static_pad import static_same_padding
+
+    spatial = any(i >= 2 for ax in dynamic_axes.values() for i in ax)  # a dynamic height/width: keep it general
     model = model.eval()
+    exported = model if spatial else static_same_padding(model, example)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(model, example, str(path), input_names=list(input_names),
+            torch.onnx.export(exported, example, str(path), input_names=list(input_names),
                               output_names=["logits"], dynamic_axes=dynamic_axes,
                               opset_version=opset, dynamo=False)
         except Exception as exc:  # the exporter raises many types for unsupported modules
             raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc)[:400]}",
                              "Quantized eager layers (int8_dynamic) cannot be exported: put "
                              "onnx_export before them and use ort_int8_dynamic.") from None
+    if exported is not model:
+        _fuse_pads(path)
     return path
+
+
+def _fuse_pads(path: Path) -> None:
+    import onnx
+
+    from .static_pad import fuse_zero_pads
+
+    proto = onnx.load(str(path))
+    if fuse_zero_pads(proto):
+        onnx.save(proto, str(path))
 
 
 def parity(model: torch.nn.Module, onnx_path: Path, inputs: tuple[torch.Tensor, ...],
