@@ -400,3 +400,18 @@ def test_crop_flip_copies_and_the_image_augmentation_term(tmp_path):
     with pytest.raises(UsageError, match="augment_crop is for image classifiers"):
         distill(text, DistillConfig(student={"layers": 1}, augment_crop=0.5),
                 StageContext(task=text_task(), workdir=tmp_path, progress=False))
+
+
+def test_mixup_blends_each_copy_with_another_photo_of_the_batch(tmp_path):
+    from slimcart.distill.image_augment import mix
+
+    x = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 4, 4).contiguous()
+    out = mix(x, np.random.default_rng(0), 1.0)
+    rng = np.random.default_rng(0)  # the same draws by hand
+    lam, perm = rng.beta(1.0, 1.0, 6), rng.permutation(6)
+    want = torch.tensor([lam[i] * i + (1 - lam[i]) * perm[i] for i in range(6)], dtype=torch.float32)
+    torch.testing.assert_close(out[:, 0, 0, 0], want)
+    assert bool((out == out[:, :1, :1, :1]).all())  # one weight per image, over all its pixels
+    assert not torch.allclose(out, x)
+    with pytest.raises(ValidationError, match="augment_mixup blends the crop copies"):
+        DistillConfig(student={"width": 0.5}, augment_mixup=1.0)

@@ -3,11 +3,14 @@
 size and flipped left-right half of the time, and the student matches the teacher's soft targets on
 that copy. Teacher and student see the same crop, so the teacher's answer is exact for what the
 student sees ("consistent" function matching, Beyer et al. 2022); with few labelled photos, these
-targets say more than the labels on the stored images. The teacher runs on each copy (no cache)."""
+targets say more than the labels on the stored images. With ``mixup``, each copy is also blended
+with another photo of the batch (weight drawn from Beta(mixup, mixup)), so the student learns the
+teacher's answers between the photos too. The teacher runs on each copy (no cache)."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,16 +36,28 @@ def crop_flip(x: Tensor, gen: torch.Generator, min_scale: float) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def mix(x: Tensor, rng: np.random.Generator, a: float) -> Tensor:
+    """Per image: ``lam * x + (1 - lam) * x[perm]``, lam ~ Beta(a, a), perm a random permutation."""
+    n = x.shape[0]
+    lam = torch.from_numpy(rng.beta(a, a, n)).to(x.dtype).view(n, *([1] * (x.dim() - 1)))
+    perm = torch.from_numpy(rng.permutation(n))
+    return lam * x + (1 - lam) * x[perm]
+
+
 class CropFlipCopy(LossTerm):
     """Soft-target KL on a crop-and-flip copy of the batch, the teacher scoring the same copy. It
     calls the student again, so it must be the last term (captured layers are overwritten)."""
 
-    def __init__(self, teacher: nn.Module, min_scale: float, temperature: float, weight: float, seed: int):
+    def __init__(self, teacher: nn.Module, min_scale: float, temperature: float, weight: float, seed: int,
+                 mixup: float = 0.0):
         self.teacher, self.min_scale, self.t, self.weight, self.name = teacher, min_scale, temperature, weight, "crop_copy"
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen, self.mixup = torch.Generator().manual_seed(seed), mixup
+        self.rng = np.random.default_rng(seed)
 
     def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
         x = crop_flip(batch.inputs[0], self.gen, self.min_scale)
+        if self.mixup > 0:
+            x = mix(x, self.rng, self.mixup)
         with torch.inference_mode():
             target = self.teacher(x).float()
         return losses.soft_kl(model(x), target.clone(), self.t)

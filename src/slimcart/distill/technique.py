@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import ModelError, UsageError
@@ -45,7 +45,17 @@ class DistillConfig(TechniqueConfig):
     augment_crop: float = Field(default=0.0, ge=0.0, lt=1.0, description=(
         "images: each batch is also seen as random crops of at least this share of each side, "
         "resized and mirrored, with the teacher's soft targets on the same crops (0: none)"))
+    augment_mixup: float = Field(default=0.0, ge=0.0, description=(
+        "images: the crop copies are also blended with another photo of the batch, the weight drawn "
+        "from Beta(augment_mixup, augment_mixup); needs augment_crop > 0 (0: no blending)"))
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _mixup_needs_crops(self):
+        if self.augment_mixup > 0 and self.augment_crop == 0:
+            raise ValueError("augment_mixup blends the crop copies, and augment_crop is 0: set augment_crop "
+                             "(e.g. 0.6) or augment_mixup: 0")
+        return self
 
 
 def _mask(task, batch: Batch) -> Tensor | None:
@@ -297,7 +307,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         from .image_augment import CropFlipCopy
 
         terms.append(CropFlipCopy(teacher, cfg.augment_crop, cfg.temperature,
-                                  1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed))
+                                  1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed, cfg.augment_mixup))
     if not terms:
         raise UsageError("distill: every loss weight is 0.", "Give alpha < 1 or a positive hidden_loss.")
 
