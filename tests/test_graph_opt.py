@@ -110,6 +110,28 @@ def test_fold_bn_on_torchvision_resnet(tmp_path):
     assert torch.equal(outs(reload(state, "zoo", tmp_path).torch_model, "zoo"), outs(state.torch_model, "zoo"))
 
 
+def test_fold_bn_into_tf_same_padding_convolutions(tmp_path):
+    """timm's Conv2dSame (the stride-2 convolutions of EfficientNet-Lite) folds like an nn.Conv2d."""
+    from slimcart.models import build
+
+    spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    same = [n for n, m in model.named_modules() if type(m).__name__ == "Conv2dSame"]
+    assert len(same) == 5  # the stem and four stride-2 depthwise convolutions
+    ref, total = outs(model, "zoo"), len(bns(model))
+    state = ModelState.from_module(model, spec)
+    rep = run(state, fold_bn, FoldBnConfig(parity_batch=4), "zoo", tmp_path)
+    assert rep.stats["pairs_folded"] == total and bns(state.torch_model) == [] and not rep.skipped
+    assert type(state.torch_model.conv_stem).__name__ == "Conv2dSame" and state.torch_model.conv_stem.bias is not None
+    assert torch.allclose(outs(state.torch_model, "zoo"), ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(outs(reload(state, "zoo", tmp_path).torch_model, "zoo"), outs(state.torch_model, "zoo"))
+
+
 def test_nothing_to_fold_is_a_note_and_a_parity_bound_fails_clearly(tmp_path):
     state = ModelState.from_module(tiny("text"), TINY["text"])
     rep = run(state, fold_bn, FoldBnConfig(), "text", tmp_path)

@@ -3,7 +3,8 @@ fuse_linear_bn_eval): one layer less per pair at inference, the same outputs to 
 
 Pairs are found by running the model once with hooks (the BatchNorm's input must be the very
 tensor the layer returned, each called once) and confirmed with torch.fx where the model traces
-(the layer's output must feed nothing but the BatchNorm). The folding goes into
+(the layer's output must feed nothing but the BatchNorm). Subclasses of the layers are left alone
+unless their forward is known to be linear in their weight (timm's ``Conv2dSame``). The folding goes into
 ``spec["bn_folded"]`` (see models/fold.py), so the saved model rebuilds; the folded model is
 checked against the unfolded one on real inputs.
 """
@@ -25,6 +26,14 @@ from ..stage import ModelState, StageContext, StageReport
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 FRESH = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)  # return a new tensor
+# subclasses whose forward is the plain convolution of their own weight and bias after padding the
+# input (timm's TF "same" padding): a BatchNorm after them folds like after an nn.Conv2d
+LINEAR_SUBCLASSES = {"timm.layers.conv2d_same.Conv2dSame"}
+
+
+def _plain_layer(layer: nn.Module) -> bool:
+    t = type(layer)
+    return t in LAYERS or f"{t.__module__}.{t.__qualname__}" in LINEAR_SUBCLASSES
 
 
 class FoldBnConfig(TechniqueConfig):
@@ -103,7 +112,7 @@ def find_pairs(model: nn.Module, example) -> tuple[list[tuple[str, str]], dict[s
             why = "no running statistics (it normalises with batch statistics)"
         elif src is None:
             why = "its input is not the output of a Conv/Linear layer"
-        elif type(mods[src]) not in LAYERS:
+        elif not _plain_layer(mods[src]):
             why = f"follows {src}, a {type(mods[src]).__name__} (custom class; its forward may transform the weight)"
         elif calls[name] > 1 or calls[src] > 1:
             why = f"{name if calls[name] > 1 else src} runs more than once per forward"
