@@ -58,6 +58,14 @@ def bns(model):
     return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def random_statistics(model):
+    """BatchNorm running statistics away from (0, 1), so that folding them changes the weights."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+
+
 def test_fold_bn_is_exact_and_rebuilds_from_its_spec(tmp_path):
     ref = tiny("cnn")
     state = ModelState.from_module(tiny("cnn"), TINY["cnn"])
@@ -98,10 +106,7 @@ def test_fold_bn_on_torchvision_resnet(tmp_path):
     cfg = TorchvisionConfig(name="resnet18", num_classes=3)
     torch.manual_seed(0)
     model = build_torchvision(cfg).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    random_statistics(model)
     ref = outs(model, "zoo")
     state = ModelState.from_module(model, spec("torchvision", cfg))
     rep = run(state, fold_bn, FoldBnConfig(parity_batch=4), "zoo", tmp_path)
@@ -117,10 +122,7 @@ def test_fold_bn_into_tf_same_padding_convolutions(tmp_path):
     spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
     torch.manual_seed(0)
     model = build(spec).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    random_statistics(model)
     same = [n for n, m in model.named_modules() if type(m).__name__ == "Conv2dSame"]
     assert len(same) == 5  # the stem and four stride-2 depthwise convolutions
     ref, total = outs(model, "zoo"), len(bns(model))
