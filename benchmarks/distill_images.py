@@ -28,7 +28,7 @@ from slimcart.recipe import MeasureConfig, Recipe  # noqa: E402
 
 FOLD = [{"type": "fold_bn", "max_abs_error": 1e-4}]
 # the student of the shipped recipe product_image/distill-shallow
-SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "crop": 0.6, "epochs": 8.0, "lr": None}
+SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "crop": 0.6, "epochs": 8.0, "lr": 1e-3}
 
 
 def student_recipe(name: str, distilled: bool, blocks: list[int] | None, resolution: int, epochs: float,
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--resolution", default=SHIPPED["resolution"], type=int)
     ap.add_argument("--crop", default=SHIPPED["crop"], type=float, help="augment_crop of the distilled student")
     ap.add_argument("--epochs", default=SHIPPED["epochs"], type=float)
-    ap.add_argument("--lr", default=SHIPPED["lr"], type=float, help="default: the task's fine-tuning rate")
+    ap.add_argument("--lr", default=SHIPPED["lr"], type=float, help="learning rate of both students")
     args = ap.parse_args()
     data = Path(os.environ.get("SLIMCART_DATA_DIR", "../shared/data")) / "images" / "grocery-store"
     if not data.is_dir():
