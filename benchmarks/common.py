@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +26,14 @@ def baseline(task, budget: str = "full", cache: Path = CACHE):
     model = task.train_baseline(budget)
     save_trained(model, task, folder, overwrite=True)
     return model
+
+
+def grocery_store() -> Path:
+    """The Grocery Store photo folder under $SLIMCART_DATA_DIR; exits with a clear message without it."""
+    data = Path(os.environ.get("SLIMCART_DATA_DIR", "../shared/data")) / "images" / "grocery-store"
+    if not data.is_dir():
+        sys.exit(f"{data} not found: set SLIMCART_DATA_DIR to the folder holding images/grocery-store")
+    return data
 
 
 def markdown_table(rows: list[dict]) -> str:

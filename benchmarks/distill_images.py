@@ -15,14 +15,13 @@ Writes benchmarks/results/distill_images.md. Run from the repository root."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import markdown_table, run_section  # noqa: E402
+from common import grocery_store, markdown_table, run_section  # noqa: E402
 
 from slimcart.recipe import MeasureConfig, Recipe  # noqa: E402
 
@@ -71,9 +70,7 @@ def main() -> None:
     ap.add_argument("--epochs", default=SHIPPED["epochs"], type=float)
     ap.add_argument("--lr", default=SHIPPED["lr"], type=float, help="learning rate of both students")
     args = ap.parse_args()
-    data = Path(os.environ.get("SLIMCART_DATA_DIR", "../shared/data")) / "images" / "grocery-store"
-    if not data.is_dir():
-        sys.exit(f"{data} not found: set SLIMCART_DATA_DIR to the folder holding images/grocery-store")
+    data = grocery_store()
     t0 = time.time()
     given = {k: getattr(args, k) for k in SHIPPED}
     tag = f"r{args.resolution}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import baseline, markdown_table  # noqa: E402
+from common import baseline, grocery_store, markdown_table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -38,12 +37,12 @@ def render(lines: list[dict]) -> str:
              "MACs vs teacher": f"{d['macs']:.3f}",
              "epochs": f"{d['stage']['epochs']:g}", "lr": f"{d['stage']['lr']:g}", "alpha": f"{d['stage']['alpha']:g}",
              "T": f"{d['stage']['temperature']:g}", "crop": f"{d['stage']['augment_crop']:g}",
-             "mixup": f"{d['stage'].get('augment_mixup', 0):g}", "val accuracy": f"{d['val']['accuracy']:.3f}",
+             "mixup": f"{d['stage']['augment_mixup']:g}", "val accuracy": f"{d['val']['accuracy']:.3f}",
              "test accuracy": f"{d['test']['accuracy'] * 100:.2f}%", "train s": d["seconds"], "threads": d["threads"]}
             for d in lines]
     return ("## Distillation: product-photo student settings, screened\n\n"
             "`python benchmarks/distill_images_screen.py`: one training run per row, no timing, the "
-            "teacher of `benchmarks/distill_images.py` (86.76% test). Single runs: with 2485 test photos, "
+            "teacher of `benchmarks/distill_images.py`. Single runs: with 2485 test photos, "
             "one standard error of a test accuracy near 84% is 0.7 points, and the 220 validation photos "
             "are near saturation, so differences under a point are not measured differences.\n\n"
             + markdown_table(rows) + "\n")
@@ -63,9 +62,7 @@ def main() -> None:
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--results", default=RESULTS, type=Path, help="folder of the .jsonl log and the .md table")
     args = ap.parse_args()
-    data = Path(os.environ.get("SLIMCART_DATA_DIR", "../shared/data")) / "images" / "grocery-store"
-    if not data.is_dir():
-        sys.exit(f"{data} not found: set SLIMCART_DATA_DIR to the folder holding images/grocery-store")
+    data = grocery_store()
     import torch
 
     import slimcart as sc
