@@ -415,3 +415,49 @@ def test_mixup_blends_each_copy_with_another_photo_of_the_batch(tmp_path):
     assert not torch.allclose(out, x)
     with pytest.raises(ValidationError, match="augment_mixup blends the crop copies"):
         DistillConfig(student={"width": 0.5}, augment_mixup=1.0)
+
+
+def test_image_student_matches_pooled_features_on_the_crop_copies(tmp_path):
+    """hidden_loss of a pretrained image student: its pooled features against the teacher's, on the
+    stored photos (cached) and on each crop copy, where the term adds the MSE to the soft KL by hand."""
+    from slimcart.distill.image_augment import CropFlipCopy, crop_flip
+    from slimcart.tasks.product_image import ProductImageTask
+    from slimcart.trainer import Batch
+
+    spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
+    torch.manual_seed(0)
+    teacher = build(spec).eval()
+    st = make_student(teacher, spec, StudentConfig(resolution=32))
+    assert st.layer_pairs == {"global_pool": "global_pool"}
+    student = st.module.eval()
+    x = torch.rand(4, 3, 48, 48)
+    hidden: dict = {}
+    hook = student.global_pool.register_forward_hook(lambda _m, _a, o: hidden.__setitem__("global_pool", o))
+    term = CropFlipCopy(teacher, 0.6, 2.0, 0.7, seed=3, pairs=st.layer_pairs, hidden_weight=0.5)
+    got = term(Batch((x,), torch.zeros(4, dtype=torch.long), None, 0, 0, hidden, torch.arange(4)), student)
+    hook.remove()
+    crops = crop_flip(x, torch.Generator().manual_seed(3), 0.6)  # the same draws by hand
+    feats = {}
+    with torch.no_grad():
+        h1 = teacher.global_pool.register_forward_hook(lambda _m, _a, o: feats.__setitem__("t", o))
+        t_logits = teacher(crops)
+        h1.remove()
+        h2 = student.global_pool.register_forward_hook(lambda _m, _a, o: feats.__setitem__("s", o))
+        s_logits = student(crops)
+        h2.remove()
+    want = losses.soft_kl(s_logits, t_logits, 2.0) + (0.5 / 0.7) * ((feats["s"] - feats["t"]) ** 2).mean()
+    torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
+    # end to end: the hidden term on the stored photos, the crop copies carrying the features too
+    g = torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(40, 3, 48, 48, generator=g), torch.randint(0, 5, (40,), generator=g)
+    full, idx = Split((xs,), ys), torch.arange(40)
+    task = ProductImageTask(dataset="tiny", splits={"train": full.take(idx[:24]), "val": full.take(idx[24:32]),
+                                                   "test": full.take(idx[32:])},
+                            info={"num_classes": 5, "classes": list("abcde"), "input_shape": [3, 48, 48]})
+    state = ModelState.from_module(teacher, spec)
+    report = distill(state, DistillConfig(student={"resolution": 32}, epochs=1, alpha=0.3, hidden_loss=0.5,
+                                          augment_crop=0.6, batch_size=8),
+                     StageContext(task=task, workdir=tmp_path, progress=False))
+    assert report.stats["terms"] == {"task": 0.3, "soft": 0.7, "hidden": 0.5, "crop_copy": 0.7}
+    assert report.stats["layer_pairs"] == {"global_pool": "global_pool"}
+    assert report.stats["train"]["terms"]["hidden"] > 0

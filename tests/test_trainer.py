@@ -147,3 +147,34 @@ def test_unknown_capture_layer_is_a_usage_error(task):
     with pytest.raises(UsageError, match="mlp.9") as err:
         Trainer(task, model(), CFG, capture=["mlp.9"])
     assert "Did you mean: mlp.6" in str(err.value) and "Layers include: embeddings" in str(err.value)
+
+
+def test_convolutional_models_train_channels_last_and_come_back_contiguous(monkeypatch):
+    """Image convnets train in the channels-last layout (faster NHWC kernels): the same weights as
+    the default layout up to summation order, and the layout is put back after training."""
+    from slimcart.tasks.base import Split
+    from slimcart.tasks.product_image import ProductImageTask
+    import slimcart.trainer as trainer_mod
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(48, 3, 16, 16, generator=g), torch.randint(0, 4, (48,), generator=g)
+    images = ProductImageTask(dataset="tiny", splits={"train": Split((x[:40],), y[:40]), "val": Split((x[40:],), y[40:]),
+                                                      "test": Split((x[40:],), y[40:])},
+                              info={"num_classes": 4, "classes": list("abcd"), "input_shape": [3, 16, 16]})
+    spec = dict(TINY["cnn"], config={**TINY["cnn"]["config"], "in_channels": 3, "image_size": 16, "num_classes": 4})
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=3e-3, weight_decay=0.0, warmup_ratio=0.0, seed=1)
+    runs = {}
+    for layout in (True, False):
+        torch.manual_seed(0)
+        net = build(spec)
+        with monkeypatch.context() as m:
+            m.setattr(trainer_mod, "use_channels_last", lambda *a, layout=layout: layout)
+            rec = Trainer(images, net, cfg, progress=False).fit()
+        assert rec["memory_format"] == ("channels_last" if layout else "contiguous")
+        assert all(p.is_contiguous() for p in net.parameters())  # the default layout again
+        runs[layout] = net.state_dict()
+    for k, v in runs[True].items():
+        torch.testing.assert_close(v, runs[False][k], atol=1e-4, rtol=1e-3)
+    assert trainer_mod.use_channels_last(build(spec), (x,), 1)
+    assert not trainer_mod.use_channels_last(build(spec), (x,), 2)  # collectives want the default layout
+    assert not trainer_mod.use_channels_last(model(), (torch.zeros(4, 3, dtype=torch.long),), 1)

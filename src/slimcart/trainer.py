@@ -237,6 +237,9 @@ class Trainer:
                                  "Put the checkpoint folder on a file system every rank sees.")
             broadcast_module(self.model)
         hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.capture.items()]
+        channels_last = use_channels_last(self.model, data.inputs, world)
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         bar = tqdm(total=self.total, initial=self.step, desc=self.desc, leave=False, unit="step",
                    disable=True if not self.progress or rank else None)
         t0 = time.perf_counter()
@@ -256,6 +259,8 @@ class Trainer:
                     if world > 1:
                         idx = idx[rows_of(n, world, rank)]
                     x = tuple(t[idx] for t in data.inputs)
+                    if channels_last:
+                        x = (x[0].contiguous(memory_format=torch.channels_last),) + x[1:]
                     self._train_step(self.task.collate(x) if len(idx) else x, data.labels[idx], idx, n)
                     bar.update(1)
                     if bar.n % 10 == 1 or bar.n == self.total:  # the postfix costs more than a small step
@@ -277,6 +282,8 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_end(self)
         finally:
+            if channels_last:  # saved weights, exports and later stages see the usual layout
+                self.model.to(memory_format=torch.contiguous_format)
             for m, flag in sparse:
                 m.sparse = flag
             for h in hooks:
@@ -289,7 +296,8 @@ class Trainer:
                   "seconds": round(time.perf_counter() - t0, 1),
                   "final_loss": float(np.mean(self.losses[-50:])) if self.losses else None, "val": val,
                   "terms": {n: float(np.mean(v[-50:])) for n, v in self.term_values.items() if v},
-                  "resumed_from_step": self.resumed_from}
+                  "resumed_from_step": self.resumed_from,
+                  "memory_format": "channels_last" if channels_last else "contiguous"}
         if self.early is not None:
             record["early_stopping"] = self.early.record()
         return record
@@ -445,6 +453,15 @@ class Trainer:
                 prefix = f"callback.{i}."
                 cb.load_state_dict({"json": saved, "tensors": {k[len(prefix):]: v for k, v in tensors.items()
                                                                if k.startswith(prefix)}})
+
+
+def use_channels_last(model: nn.Module, inputs: Sequence[Tensor], world: int) -> bool:
+    """Convolutional networks on images train in the channels-last layout (one process): oneDNN's
+    NHWC convolutions, depthwise ones above all, ran the EfficientNet-Lite student's training steps
+    ~1.5x faster than NCHW on this CPU. The same arithmetic up to summation order. Not under
+    torch.distributed: its collectives take only tensors contiguous in the default layout."""
+    return (world == 1 and len(inputs) > 0 and inputs[0].dim() == 4 and inputs[0].is_floating_point()
+            and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
 def world_and_rank() -> tuple[int, int]:

@@ -8,6 +8,7 @@ with another photo of the batch (weight drawn from Beta(mixup, mixup)), so the s
 teacher's answers between the photos too. The teacher runs on each copy (no cache)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -49,10 +50,21 @@ class CropFlipCopy(LossTerm):
     calls the student again, so it must be the last term (captured layers are overwritten)."""
 
     def __init__(self, teacher: nn.Module, min_scale: float, temperature: float, weight: float, seed: int,
-                 mixup: float = 0.0):
+                 mixup: float = 0.0, pairs: dict[str, str] | None = None, adapters: nn.ModuleDict | None = None,
+                 hidden_weight: float = 0.0):
+        # a channels-last copy: the teacher runs at every step, and its NHWC convolutions are faster
+        # (``trainer.use_channels_last``); the caller's teacher keeps its layout
+        teacher = copy.deepcopy(teacher).eval().to(memory_format=torch.channels_last)
         self.teacher, self.min_scale, self.t, self.weight, self.name = teacher, min_scale, temperature, weight, "crop_copy"
         self.gen, self.mixup = torch.Generator().manual_seed(seed), mixup
         self.rng = np.random.default_rng(seed)
+        # hidden_loss on the copy too: the teacher's layers of ``pairs`` are read by hooks, the
+        # student's from the trainer's capture (``batch.hidden``, refilled by the second call)
+        self.pairs, self.adapters, self.hidden_weight = dict(pairs or {}), adapters, hidden_weight
+        self.grabbed: dict[str, Tensor] = {}
+        modules = dict(teacher.named_modules())
+        for t in set(self.pairs.values()) if hidden_weight > 0 else ():
+            modules[t].register_forward_hook(lambda _m, _a, o, t=t: self.grabbed.__setitem__(t, o))
 
     def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
         x = crop_flip(batch.inputs[0], self.gen, self.min_scale)
@@ -60,4 +72,16 @@ class CropFlipCopy(LossTerm):
             x = mix(x, self.rng, self.mixup)
         with torch.inference_mode():
             target = self.teacher(x).float()
-        return losses.soft_kl(model(x), target.clone(), self.t)
+        wanted = {t: self.grabbed[t].clone() for t in set(self.pairs.values())} if self.hidden_weight > 0 else {}
+        loss = losses.soft_kl(model(x), target.clone(), self.t)
+        if wanted:
+            feats = 0.0
+            for s, t in self.pairs.items():
+                out = batch.hidden[s]
+                key = s.replace(".", "__")
+                if self.adapters is not None and key in self.adapters:
+                    out = self.adapters[key](out)
+                feats = feats + losses.hidden_mse(out, wanted[t])
+            # in the copy's units: its weight (1 - alpha) is applied by the trainer, so rescale
+            loss = loss + (self.hidden_weight / self.weight) * feats / len(self.pairs)
+        return loss

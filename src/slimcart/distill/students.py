@@ -13,7 +13,8 @@
   is served with the teacher's preprocessing; MACs fall with the pixel count), that keeps ``blocks``
   of each stage's blocks (``depth.py``: the residual blocks whose removal matters least go), and/or has ``1 - width``
   of its prunable channels removed (``channel_prune``, magnitude ranking, widths rounded to
-  multiples of 8), so the student starts from the teacher's fine-tuned features.
+  multiples of 8), so the student starts from the teacher's fine-tuned features. Its layer pair is
+  the global pooling (``global_pool`` / ``avgpool``): hidden_loss matches the pooled features.
 - ``deepfm``: a smaller ``embed_dim`` and ``hidden`` MLP, trained from scratch.
 - ``mlp``: other ``hidden`` sizes, trained from scratch.
 
@@ -132,7 +133,17 @@ def _pretrained_image(teacher, spec, cfg) -> Student:
         copied.append("then shortened")
     if cfg.width is not None:
         copied.append("then channel-pruned")
-    return Student(module, new, {}, copied)
+    return Student(module, new, _pooled_pair(module), copied)
+
+
+POOLS = ("global_pool", "avgpool")  # timm's and torchvision's global pooling before the classifier
+
+
+def _pooled_pair(module: nn.Module) -> dict[str, str]:
+    """hidden_loss of an image student: its pooled features (the classifier's input) against the
+    teacher's; the same module in both, as the student is a copy of the teacher."""
+    names = dict(module.named_modules())
+    return {n: n for n in POOLS if n in names}
 
 
 def default_map(n: int, k: int) -> list[int]:

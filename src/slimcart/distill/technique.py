@@ -33,7 +33,9 @@ class DistillConfig(TechniqueConfig):
     batch_size: int | None = Field(default=None, ge=1)
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the task (hard-label) loss")
     temperature: float = Field(default=2.0, gt=0.0)
-    hidden_loss: float = Field(default=0.0, ge=0.0)
+    hidden_loss: float = Field(default=0.0, ge=0.0, description=(
+        "weight of the hidden-state MSE over the student's layer pairs (pretrained image students: "
+        "the pooled features, also on the crop copies)"))
     attention_loss: float = Field(default=0.0, ge=0.0)
     ranking_loss: float = Field(default=0.0, ge=0.0, description="CTR: weight of pairwise ranking distillation")
     group_field: str | None = Field(default=None, description="CTR: rank pairs within this categorical field's values")
@@ -163,7 +165,7 @@ def _adapters(student: nn.Module, teacher: nn.Module, pairs: dict[str, str], exa
             continue
         if a.dim() == 4 and a.shape[2:] == b.shape[2:]:
             adapters[adapter_key(s)] = nn.Conv2d(a.shape[1], b.shape[1], 1, bias=False)
-        elif a.dim() == 3 and a.shape[:2] == b.shape[:2]:
+        elif a.dim() in (2, 3) and a.shape[:-1] == b.shape[:-1]:
             adapters[adapter_key(s)] = nn.Linear(a.shape[-1], b.shape[-1], bias=False)
         else:
             raise ModelError(f"distill: the student's {s} gives {tuple(a.shape)} and the teacher's {t} gives "
@@ -307,7 +309,8 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         from .image_augment import CropFlipCopy
 
         terms.append(CropFlipCopy(teacher, cfg.augment_crop, cfg.temperature,
-                                  1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed, cfg.augment_mixup))
+                                  1.0 - cfg.alpha if cfg.alpha < 1 else 1.0, cfg.seed, cfg.augment_mixup,
+                                  pairs, adapters, cfg.hidden_loss))
     if not terms:
         raise UsageError("distill: every loss weight is 0.", "Give alpha < 1 or a positive hidden_loss.")
 
