@@ -29,7 +29,7 @@ RESULTS = Path(__file__).parent / "results"
 def stage(args) -> dict:
     return {"type": "distill", "student": {"blocks": args.blocks, "resolution": args.resolution},
             "epochs": args.epochs, "lr": args.lr, "alpha": args.alpha, "temperature": args.temperature,
-            "augment_crop": args.crop, "augment_mixup": args.mixup}
+            "augment_crop": args.crop, "augment_mixup": args.mixup, "hidden_loss": args.hidden}
 
 
 def render(lines: list[dict]) -> str:
@@ -37,7 +37,8 @@ def render(lines: list[dict]) -> str:
              "MACs vs teacher": f"{d['macs']:.3f}",
              "epochs": f"{d['stage']['epochs']:g}", "lr": f"{d['stage']['lr']:g}", "alpha": f"{d['stage']['alpha']:g}",
              "T": f"{d['stage']['temperature']:g}", "crop": f"{d['stage']['augment_crop']:g}",
-             "mixup": f"{d['stage']['augment_mixup']:g}", "val accuracy": f"{d['val']['accuracy']:.3f}",
+             "mixup": f"{d['stage']['augment_mixup']:g}", "pooled features": f"{d['stage'].get('hidden_loss', 0):g}",
+             "val accuracy": f"{d['val']['accuracy']:.3f}",
              "test accuracy": f"{d['test']['accuracy'] * 100:.2f}%", "train s": d["seconds"], "threads": d["threads"]}
             for d in lines]
     return ("## Distillation: product-photo student settings, screened\n\n"
@@ -59,6 +60,8 @@ def main() -> None:
     ap.add_argument("--temperature", default=4.0, type=float)
     ap.add_argument("--crop", default=0.6, type=float, help="augment_crop")
     ap.add_argument("--mixup", default=0.0, type=float, help="augment_mixup")
+    ap.add_argument("--hidden", default=0.0, type=float,
+                    help="hidden_loss: weight of the MSE to the teacher's pooled features")
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--results", default=RESULTS, type=Path, help="folder of the .jsonl log and the .md table")
     args = ap.parse_args()
