@@ -27,22 +27,24 @@ from slimcart.recipe import MeasureConfig, Recipe  # noqa: E402
 
 FOLD = [{"type": "fold_bn", "max_abs_error": 1e-4}]
 # the student of the shipped recipe product_image/distill-shallow
-SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "crop": 0.6, "epochs": 8.0, "lr": 1e-3}
+SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "crop": 0.6, "epochs": 8.0, "lr": 1e-3, "hidden": 0.0}
 
 
 def student_recipe(name: str, distilled: bool, blocks: list[int] | None, resolution: int, epochs: float,
-                   lr: float | None, crop: float = 0.0) -> Recipe:
+                   lr: float | None, crop: float = 0.0, hidden: float = 0.0) -> Recipe:
     """Distil (labels only: alpha 1) into the teacher with ``blocks`` per stage at ``resolution`` px
     (with ``crop``: also on crop-and-flip copies the teacher scores), then fold BatchNorm."""
     student = {"resolution": resolution, **({"blocks": blocks} if blocks else {})}
     stage = {"type": "distill", "student": student, "epochs": epochs, "temperature": 4.0,
              "alpha": 0.3 if distilled else 1.0, "augment_crop": crop if distilled else 0.0,
+             "hidden_loss": hidden if distilled else 0.0,
              **({"lr": lr} if lr else {})}
     shape = f"{blocks} blocks per stage at " if blocks else "full depth at "
     return Recipe.from_dict({"name": name, "version": 1, "stages": [stage] + FOLD,
                              "description": (f"student: the teacher with {shape}{resolution} px, " +
                                              ("distilled from the teacher" if distilled else "labels only") +
                                              (f", plus crop-and-flip copies (>= {crop:g} of each side)" if crop and distilled else "") +
+                                             (f", pooled features matched (weight {hidden:g})" if hidden and distilled else "") +
                                              ", BatchNorm folded")})
 
 
@@ -69,14 +71,20 @@ def main() -> None:
     ap.add_argument("--crop", default=SHIPPED["crop"], type=float, help="augment_crop of the distilled student")
     ap.add_argument("--epochs", default=SHIPPED["epochs"], type=float)
     ap.add_argument("--lr", default=SHIPPED["lr"], type=float, help="learning rate of both students")
+    ap.add_argument("--hidden", default=[SHIPPED["hidden"]], type=lambda v: [float(h) for h in v.split(",")],
+                    help="hidden_loss of the distilled student (MSE to the teacher's pooled features); "
+                         "comma-separated: one distilled student each")
     args = ap.parse_args()
     data = grocery_store()
     t0 = time.time()
-    given = {k: getattr(args, k) for k in SHIPPED}
     tag = f"r{args.resolution}"
-    recipes = ["product_image/onnx",
-               "product_image/distill-shallow" if given == SHIPPED else
-               student_recipe(f"distill-{tag}", True, args.blocks, args.resolution, args.epochs, args.lr, args.crop),
+    distilled = []
+    for h in args.hidden:
+        given = {**{k: getattr(args, k) for k in SHIPPED}, "hidden": h}
+        distilled.append("product_image/distill-shallow" if given == SHIPPED else
+                         student_recipe(f"distill-{tag}" + (f"-feat{h:g}" if h else ""), True, args.blocks,
+                                        args.resolution, args.epochs, args.lr, args.crop, h))
+    recipes = ["product_image/onnx", *distilled,
                student_recipe(f"labels-only-{tag}", False, args.blocks, args.resolution, args.epochs, args.lr)]
     measure = MeasureConfig(batch_sizes=[1, 64], runtimes=["torch", "onnxruntime"], deployed=False,
                             memory=False, throughput_seconds=0)
