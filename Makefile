@@ -49,6 +49,7 @@ bench: install fashion-mnist
 	$(PY) benchmarks/distill_intent.py
 	$(PY) benchmarks/vocab_fallback.py
 	$(PY) benchmarks/distill_ctr.py
+	$(PY) benchmarks/train_layout.py
 	$(PY) benchmarks/assemble.py
 
 clean:

@@ -8,7 +8,7 @@ from slimcart.pipeline import environment
 
 ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md", "ctr_baseline.md", "ctr_dlrm.md", "ctr_scale.md",
          "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "int8_cpu_xeon_t2.md", "int8_cpu_xeon_t8.md", "quant_intent.md", "weight_only.md",
-         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "vocab_fallback.md", "distill_ctr.md", "distill_images.md", "distill_images_screen.md",
+         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "vocab_fallback.md", "distill_ctr.md", "distill_images.md", "distill_images_r144.md", "distill_images_screen.md", "train_layout.md",
          "gpu.md"]
 HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 
@@ -24,7 +24,7 @@ def main() -> None:
         "`python benchmarks/runtimes.py`, `python benchmarks/serving.py`, `python benchmarks/static_int8.py`, "
         "`python benchmarks/quant_intent.py`, `python benchmarks/weight_only.py`, `python benchmarks/embedding_quant.py`, "
         "`python benchmarks/deep_compression.py`, `python benchmarks/distill_intent.py`, `python benchmarks/vocab_fallback.py`, `python benchmarks/distill_ctr.py`, "
-        "`python benchmarks/distill_images.py` and `python benchmarks/distill_images_screen.py` (need the Grocery Store photos), `python benchmarks/ctr_scale.py`, then "
+        "`python benchmarks/distill_images.py` and `python benchmarks/distill_images_screen.py` (need the Grocery Store photos), `python benchmarks/train_layout.py`, `python benchmarks/ctr_scale.py`, then "
         "`python benchmarks/assemble.py` (or `make bench`).\n",
         "How to read: every cell is measured, never estimated. Size is the bytes of the saved artifact "
         "(weights file + JSON spec); `Served MB` is, per runtime, the artifact that runtime serves (a "

@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--hidden", default=[SHIPPED["hidden"]], type=lambda v: [float(h) for h in v.split(",")],
                     help="hidden_loss of the distilled student (MSE to the teacher's pooled features); "
                          "comma-separated: one distilled student each")
+    ap.add_argument("--no-labels-only", action="store_true",
+                    help="leave out the student trained on the labels alone (one training run less)")
     args = ap.parse_args()
     data = grocery_store()
     t0 = time.time()
@@ -84,8 +86,9 @@ def main() -> None:
         distilled.append("product_image/distill-shallow" if given == SHIPPED else
                          student_recipe(f"distill-{tag}" + (f"-feat{h:g}" if h else ""), True, args.blocks,
                                         args.resolution, args.epochs, args.lr, args.crop, h))
-    recipes = ["product_image/onnx", *distilled,
-               student_recipe(f"labels-only-{tag}", False, args.blocks, args.resolution, args.epochs, args.lr)]
+    recipes = ["product_image/onnx", *distilled]
+    if not args.no_labels_only:
+        recipes.append(student_recipe(f"labels-only-{tag}", False, args.blocks, args.resolution, args.epochs, args.lr))
     measure = MeasureConfig(batch_sizes=[1, 64], runtimes=["torch", "onnxruntime"], deployed=False,
                             memory=False, throughput_seconds=0)
     text, res = run_section("product_image", str(data), recipes, args.runs, "distill", measure=measure)
@@ -107,7 +110,10 @@ def main() -> None:
         if macs is not None and st is not None and "soft" in st.get("terms", {}):
             verdicts.append(verdict(v, base, m, macs))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("## Distillation: real product photos\n\n"
+    shipped = all(r == "product_image/distill-shallow" for r in distilled)
+    args.out.write_text("## Distillation: real product photos"
+                        + ("" if shipped else f" (students at {args.resolution} px"
+                           + (", pooled features matched" if any(args.hidden) else "") + ")") + "\n\n"
                         "Speedups against the fp32 teacher in the same runtime, paired 95% intervals, same run. "
                         "MACs from the student's stage (Torch-Pruning's counter at one image). Teacher: "
                         f"val {base.val_metrics.get(m, float('nan')):.3f}, test {base.metrics[m]:.3f}.\n\n"

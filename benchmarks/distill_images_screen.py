@@ -1,6 +1,6 @@
 """Screen one training setting of the product-photo student: distil the cached fine-tuned
-EfficientNet-Lite0 teacher (the one benchmarks/distill_images.py uses) into one student and record
-its validation and test accuracy. No timing: runs may share the machine (``--threads 1``, two at a
+EfficientNet-Lite0 teacher (the one benchmarks/distill_images.py uses) into one student (``--hidden``:
+also matching the teacher's pooled features) and record its validation and test accuracy. No timing: runs may share the machine (``--threads 1``, two at a
 time). Pick settings by validation accuracy; the test column is there to show how little a
 validation difference at this size means.
 
@@ -45,7 +45,9 @@ def render(lines: list[dict]) -> str:
             "`python benchmarks/distill_images_screen.py`: one training run per row, no timing, the "
             "teacher of `benchmarks/distill_images.py`. Single runs: with 2485 test photos, "
             "one standard error of a test accuracy near 84% is 0.7 points, and the 220 validation photos "
-            "are near saturation, so differences under a point are not measured differences.\n\n"
+            "are near saturation, so differences under a point are not measured differences. `pooled features` "
+            "is the weight of the MSE to the teacher's pooled features (`hidden_loss`); rows with it trained in "
+            "the channels-last layout, so their `train s` is not comparable with the rows above them.\n\n"
             + markdown_table(rows) + "\n")
 
 
