@@ -117,7 +117,7 @@ def main() -> None:
         "channels-last (NHWC), interleaved in a shuffled order over "
         f"{args.rounds} rounds, {args.threads} threads, PyTorch {torch.__version__}, CPU: {env['cpu']} "
         f"({features}). "
-        "The trainer now trains convolutional image models channels-last (one process; the layout is "
+        "The trainer now trains convolutional models on photos of 64 px and more channels-last (one process; the layout is "
         "put back after training).\n\n" + markdown_table(rows)
         + f"\n\n_Run time: {time.time() - t0:.0f} s._\n")
     print(f"wrote {args.out}")

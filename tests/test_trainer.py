@@ -175,6 +175,8 @@ def test_convolutional_models_train_channels_last_and_come_back_contiguous(monke
         runs[layout] = net.state_dict()
     for k, v in runs[True].items():
         torch.testing.assert_close(v, runs[False][k], atol=1e-4, rtol=1e-3)
-    assert trainer_mod.use_channels_last(build(spec), (x,), 1)
-    assert not trainer_mod.use_channels_last(build(spec), (x,), 2)  # collectives want the default layout
+    photos = torch.rand(2, 3, 64, 64)
+    assert trainer_mod.use_channels_last(build(spec), (photos,), 1)
+    assert not trainer_mod.use_channels_last(build(spec), (photos,), 2)  # collectives want the default layout
+    assert not trainer_mod.use_channels_last(build(spec), (x,), 1)  # 16 px: no gain measured
     assert not trainer_mod.use_channels_last(model(), (torch.zeros(4, 3, dtype=torch.long),), 1)

@@ -37,6 +37,7 @@ from .tasks.base import Task, TrainConfig
 
 CLIP_NORM = 5.0
 WEIGHTS, STATE = "trainer.safetensors", "trainer.json"
+CHANNELS_LAST_MIN_SIDE = 64  # pixels: photos train channels-last (use_channels_last)
 
 
 @dataclass
@@ -456,11 +457,14 @@ class Trainer:
 
 
 def use_channels_last(model: nn.Module, inputs: Sequence[Tensor], world: int) -> bool:
-    """Convolutional networks on images train in the channels-last layout (one process): oneDNN's
-    NHWC convolutions, depthwise ones above all, ran the EfficientNet-Lite student's training steps
-    ~1.5x faster than NCHW on this CPU. The same arithmetic up to summation order. Not under
-    torch.distributed: its collectives take only tensors contiguous in the default layout."""
+    """Convolutional networks on photos (64 px and larger) train in the channels-last layout, in one
+    process: oneDNN's NHWC convolutions, depthwise ones above all, ran EfficientNet-Lite0's training
+    steps ~1.5x faster than NCHW here (benchmarks/train_layout.py). The same arithmetic up to
+    summation order. Small images (e.g. 28 px Fashion-MNIST) keep the default layout, where no gain
+    was measured; so do runs under torch.distributed, whose collectives take only tensors
+    contiguous in the default layout."""
     return (world == 1 and len(inputs) > 0 and inputs[0].dim() == 4 and inputs[0].is_floating_point()
+            and min(inputs[0].shape[-2:]) >= CHANNELS_LAST_MIN_SIDE
             and any(isinstance(m, nn.Conv2d) for m in model.modules()))
 
 
