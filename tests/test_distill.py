@@ -26,6 +26,18 @@ TEXT3 = {"arch": "text_classifier", "config": {"num_labels": 3, "encoder": {
     **TINY["text"]["config"]["encoder"], "num_hidden_layers": 3}}}
 
 
+def image_task(rows: int, side: int, train: int, val: int):
+    """A tiny 5-class product_image task of random RGB images: rows [0, train) train, then val, then test."""
+    from slimcart.tasks.product_image import ProductImageTask
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(rows, 3, side, side, generator=g), torch.randint(0, 5, (rows,), generator=g)
+    full, idx = Split((x,), y), torch.arange(rows)
+    return ProductImageTask(dataset="tiny", splits={"train": full.take(idx[:train]), "val": full.take(idx[train:val]),
+                                                    "test": full.take(idx[val:])},
+                            info={"num_classes": 5, "classes": list("abcde"), "input_shape": [3, side, side]})
+
+
 # ---- losses -------------------------------------------------------------------------------
 def test_soft_kl_matches_hand_computed_values():
     s, t = torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]])
@@ -370,7 +382,6 @@ def test_teacher_key_covers_every_tensor():
 
 def test_crop_flip_copies_and_the_image_augmentation_term(tmp_path):
     from slimcart.distill.image_augment import crop_flip
-    from slimcart.tasks.product_image import ProductImageTask
 
     gen = torch.Generator().manual_seed(0)
     flat = torch.full((8, 3, 16, 16), 0.3)
@@ -382,12 +393,7 @@ def test_crop_flip_copies_and_the_image_augmentation_term(tmp_path):
     assert bool(((steps >= -1e-6).all(1) | (steps <= 1e-6).all(1)).all())
     assert bool((steps.sum(1) < 0).any() and (steps.sum(1) > 0).any())  # some mirrored, some not
     # the term on a tiny image task: the student learns from the teacher's answers on the crops
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(90, 3, 16, 16, generator=g), torch.randint(0, 5, (90,), generator=g)
-    full, idx = Split((x,), y), torch.arange(90)
-    task = ProductImageTask(dataset="tiny", splits={"train": full.take(idx[:60]), "val": full.take(idx[60:75]),
-                                                   "test": full.take(idx[75:])},
-                            info={"num_classes": 5, "classes": list("abcde"), "input_shape": [3, 16, 16]})
+    task = image_task(90, 16, 60, 75)
     spec = dict(TINY["cnn"], config={**TINY["cnn"]["config"], "in_channels": 3, "image_size": 16})
     torch.manual_seed(0)
     teacher = build(spec)
@@ -421,7 +427,6 @@ def test_image_student_matches_pooled_features_on_the_crop_copies(tmp_path):
     """hidden_loss of a pretrained image student: its pooled features against the teacher's, on the
     stored photos (cached) and on each crop copy, where the term adds the MSE to the soft KL by hand."""
     from slimcart.distill.image_augment import CropFlipCopy, crop_flip
-    from slimcart.tasks.product_image import ProductImageTask
     from slimcart.trainer import Batch
 
     spec = {"arch": "efficientnet_lite0", "config": {"num_classes": 5, "pretrained": False}}
@@ -448,12 +453,7 @@ def test_image_student_matches_pooled_features_on_the_crop_copies(tmp_path):
     want = losses.soft_kl(s_logits, t_logits, 2.0) + (0.5 / 0.7) * ((feats["s"] - feats["t"]) ** 2).mean()
     torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
     # end to end: the hidden term on the stored photos, the crop copies carrying the features too
-    g = torch.Generator().manual_seed(0)
-    xs, ys = torch.rand(40, 3, 48, 48, generator=g), torch.randint(0, 5, (40,), generator=g)
-    full, idx = Split((xs,), ys), torch.arange(40)
-    task = ProductImageTask(dataset="tiny", splits={"train": full.take(idx[:24]), "val": full.take(idx[24:32]),
-                                                   "test": full.take(idx[32:])},
-                            info={"num_classes": 5, "classes": list("abcde"), "input_shape": [3, 48, 48]})
+    task = image_task(40, 48, 24, 32)
     state = ModelState.from_module(teacher, spec)
     report = distill(state, DistillConfig(student={"resolution": 32}, epochs=1, alpha=0.3, hidden_loss=0.5,
                                           augment_crop=0.6, batch_size=8),

@@ -78,7 +78,7 @@ class CropFlipCopy(LossTerm):
             feats = 0.0
             for s, t in self.pairs.items():
                 out = batch.hidden[s]
-                key = s.replace(".", "__")
+                key = losses.adapter_key(s)
                 if self.adapters is not None and key in self.adapters:
                     out = self.adapters[key](out)
                 feats = feats + losses.hidden_mse(out, wanted[t])

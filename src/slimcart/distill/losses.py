@@ -48,6 +48,11 @@ def pairwise_rank(student: Tensor, teacher: Tensor, groups: Tensor | None, tempe
     return F.binary_cross_entropy_with_logits(ds[pair], torch.sigmoid(dt[pair])) * temperature ** 2
 
 
+def adapter_key(name: str) -> str:
+    """The key of a layer's adapter in a ModuleDict (which refuses dots in names)."""
+    return name.replace(".", "__")
+
+
 def hidden_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
     """``student`` and ``teacher`` [B, L, D] (or any [B, ...]); ``mask`` [B, L] of valid positions."""
     diff = (student.float() - teacher.float()).pow(2)

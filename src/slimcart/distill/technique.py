@@ -22,6 +22,7 @@ from ..registry import TORCH, TechniqueConfig, register
 from ..stage import ModelState, StageContext, StageReport
 from ..trainer import Batch, LossTerm, TaskLoss
 from . import losses
+from .losses import adapter_key
 from .students import StudentConfig, make_student
 from .teacher import TeacherOutputs, teacher_outputs
 
@@ -137,10 +138,6 @@ class Ranking(LossTerm):
     def __call__(self, batch: Batch, model: nn.Module) -> Tensor:
         groups = None if self.field is None else batch.inputs[0][:, self.field]
         return losses.pairwise_rank(batch.outputs, self.cache.logits[batch.index], groups, self.t)
-
-
-def adapter_key(name: str) -> str:
-    return name.replace(".", "__")
 
 
 def _adapters(student: nn.Module, teacher: nn.Module, pairs: dict[str, str], example) -> nn.ModuleDict:
