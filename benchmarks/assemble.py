@@ -8,7 +8,7 @@ from slimcart.pipeline import environment
 
 ORDER = ["main.md", "pruning-product_image.md", "pruning-intent.md", "pruning-ctr.md", "embedding_rows.md", "ctr_baseline.md", "ctr_dlrm.md", "ctr_scale.md",
          "graph_opt.md", "runtimes.md", "serving.md", "static_int8.md", "int8_cpu_xeon_t2.md", "int8_cpu_xeon_t8.md", "quant_intent.md", "weight_only.md",
-         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "vocab_fallback.md", "distill_ctr.md", "distill_images.md", "distill_images_r144.md", "distill_images_screen.md", "train_layout.md",
+         "embedding_quant.md", "deep_compression.md", "distill_intent.md", "vocab_fallback.md", "distill_ctr.md", "distill_images.md", "distill_images_feat.md", "distill_images_r144.md", "distill_images_screen.md", "train_layout.md",
          "gpu.md"]
 HEADINGS = {"pruning-": "## Pruning: structured, gradual, N:M\n"}  # before the first file of a group
 

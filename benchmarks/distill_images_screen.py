@@ -27,13 +27,16 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def stage(args) -> dict:
-    return {"type": "distill", "student": {"blocks": args.blocks, "resolution": args.resolution},
+    student = {"blocks": args.blocks, **({"resolution": args.resolution} if args.resolution else {}),
+               **({"stem_stride": args.stem_stride} if args.stem_stride else {})}
+    return {"type": "distill", "student": student,
             "epochs": args.epochs, "lr": args.lr, "alpha": args.alpha, "temperature": args.temperature,
             "augment_crop": args.crop, "augment_mixup": args.mixup, "hidden_loss": args.hidden}
 
 
 def render(lines: list[dict]) -> str:
-    rows = [{"blocks": ",".join(map(str, d["stage"]["student"]["blocks"])), "px": d["stage"]["student"]["resolution"],
+    rows = [{"blocks": ",".join(map(str, d["stage"]["student"]["blocks"])), "px": d["stage"]["student"].get("resolution", 224),
+             "stem stride": d["stage"]["student"].get("stem_stride", 2),
              "MACs vs teacher": f"{d['macs']:.3f}",
              "epochs": f"{d['stage']['epochs']:g}", "lr": f"{d['stage']['lr']:g}", "alpha": f"{d['stage']['alpha']:g}",
              "T": f"{d['stage']['temperature']:g}", "crop": f"{d['stage']['augment_crop']:g}",
@@ -55,7 +58,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", default=[1] * 7, type=lambda v: [int(b) for b in v.split(",")],
                     help="blocks kept per stage, comma-separated (EfficientNet-Lite0 has 1,2,2,3,3,4,1)")
-    ap.add_argument("--resolution", default=160, type=int)
+    ap.add_argument("--resolution", default=160, type=int, help="0: no resize (the teacher's 224 px)")
+    ap.add_argument("--stem-stride", default=0, type=int,
+                    help="stride of the student's first convolution (0: the teacher's, 2)")
     ap.add_argument("--epochs", default=8.0, type=float)
     ap.add_argument("--lr", default=1e-3, type=float)
     ap.add_argument("--alpha", default=0.3, type=float, help="weight of the label loss")

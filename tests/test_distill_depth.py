@@ -106,3 +106,39 @@ def test_bad_blocks_name_the_key():
     with pytest.raises(UsageError, match="student.blocks does not apply to a transformer"):
         from tests.tiny import TINY, tiny
         make_student(tiny("text"), TINY["text"], StudentConfig(layers=1, blocks=[1]))
+
+
+def test_stem_stride_student_shrinks_the_feature_maps_without_a_resize(tmp_path):
+    t, task = teacher(), images_task(side=48)
+    state = ModelState.from_module(t, SPEC)
+    report = distill(state, DistillConfig(student={"blocks": [1] * 7, "stem_stride": 3}, epochs=1),
+                     StageContext(task=task, workdir=tmp_path, progress=False))
+    student, spec = state.torch_model, state.spec
+    assert spec["stem_stride"] == 3 and "input_resize" not in spec
+    assert student.conv_stem.stride == (3, 3) and t.conv_stem.stride == (2, 2)
+    assert report.changed["conv_stem"] == "student: stride 3 (the teacher's: 2)"
+    seen = {}
+    student.conv_stem.register_forward_hook(lambda _m, _a, out: seen.update(stem=out.shape))
+    x = task.example_inputs(3, "test")
+    student(*x)
+    assert seen["stem"][-2:] == (16, 16)  # 48 px at stride 3 (the teacher's stem: 24 x 24)
+    narrow = report.stats["student_narrowed"]  # a third fewer rows and columns: under half the MACs of 1 block/stage
+    assert narrow["macs_after"] < 0.3 * narrow["macs_before"]
+    again = build(spec)
+    again.load_state_dict(student.state_dict(), strict=True)
+    torch.testing.assert_close(again.eval()(*x), student(*x))
+    path = export_onnx(student, x, tmp_path / "s.onnx", ("image",), {"image": {0: "batch"}})
+    graph = ort.InferenceSession(str(path))
+    got = graph.run(None, {"image": x[0].numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), student(*x).detach(), atol=1e-4, rtol=1e-4)
+    import onnx
+
+    assert "Resize" not in {n.op_type for n in onnx.load(str(path)).graph.node}
+
+
+def test_bad_stem_stride_names_the_key():
+    with pytest.raises(Exception, match="stem_stride"):
+        StudentConfig(stem_stride=1)
+    student = {"hidden": [8], "stem_stride": 3}
+    with pytest.raises(UsageError, match="student.stem_stride does not apply"):
+        make_student(torch.nn.Linear(3, 2), {"arch": "mlp", "config": {}}, StudentConfig(**student))

@@ -10,7 +10,8 @@
 - ``resnet_small``: the widths times ``width`` (and ``blocks`` per stage), trained from scratch.
 - Pretrained image networks (``efficientnet_lite0``, ``torchvision`` / ``timm`` architectures): a
   copy of the teacher that sees its input at ``resolution`` pixels (resized inside the model, so it
-  is served with the teacher's preprocessing; MACs fall with the pixel count), that keeps ``blocks``
+  is served with the teacher's preprocessing; MACs fall with the pixel count) or whose first
+  convolution moves in longer steps (``stem_stride``: smaller feature maps, no resize), that keeps ``blocks``
   of each stage's blocks (``depth.py``: the residual blocks whose removal matters least go), and/or has ``1 - width``
   of its prunable channels removed (``channel_prune``, magnitude ranking, widths rounded to
   multiples of 8), so the student starts from the teacher's fine-tuned features. Its layer pair is
@@ -34,7 +35,7 @@ from ..errors import UsageError
 from ..models import build
 
 TRANSFORMS = ("kept_blocks", "reshape", "row_pruning", "bn_folded", "embedding_quant", "weight_only", "half",
-              "vocab_pruning", "input_resize")
+              "vocab_pruning", "input_resize", "stem_stride")
 
 
 class StudentConfig(BaseModel):
@@ -56,6 +57,9 @@ class StudentConfig(BaseModel):
     width: float | None = Field(default=None, gt=0, le=4, description="CNN: width multiplier")
     resolution: int | None = Field(default=None, ge=16, description=(
         "pretrained image networks: the side in pixels the student resizes its input to"))
+    stem_stride: int | None = Field(default=None, ge=2, le=8, description=(
+        "pretrained image networks: the stride of the first convolution (the teacher's is 2): every "
+        "feature map shrinks as at a lower resolution, without a resize in the model"))
     blocks: list[int] | None = Field(default=None, description=(
         "CNN: residual blocks per stage; pretrained image networks: blocks kept per stage (the first, "
         "then those whose removal moves the predictions most)"))
@@ -75,7 +79,7 @@ class Student:
 
 def _keys_for(family: str, cfg: StudentConfig) -> set[str]:
     keys = {"transformer": {"layers", "layer_map", "init", "heads_ratio", "ffn_ratio", "importance"}, "cnn": {"width", "blocks"},
-            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution", "blocks", "importance"}}[family]
+            "deepfm": {"embed_dim", "hidden"}, "mlp": {"hidden"}, "pruned": {"width", "resolution", "stem_stride", "blocks", "importance"}}[family]
     given = {k for k in cfg.model_fields_set}
     wrong = sorted(given - keys)
     if wrong:
@@ -119,14 +123,18 @@ def _pretrained_image(teacher, spec, cfg) -> Student:
     if cfg.width is not None and cfg.width >= 1:
         raise UsageError(f"distill: student.width is {cfg.width}; a pruned image student keeps a share of "
                          "the teacher's channels below 1, e.g. student: {width: 0.5}.")
-    if cfg.width is None and cfg.resolution is None and cfg.blocks is None:
+    if cfg.width is None and cfg.resolution is None and cfg.blocks is None and cfg.stem_stride is None:
         raise UsageError("distill: a pretrained image student needs student.resolution (pixels, e.g. 112), "
+                         "student.stem_stride (the first convolution's stride, e.g. 3), "
                          "student.blocks (blocks kept per stage) and/or student.width below 1 (the share of "
                          "channels kept), e.g. student: {width: 0.5}.")
     new, copied = copy.deepcopy(spec), ["all layers"]
     if cfg.resolution is not None:
         new["input_resize"] = [cfg.resolution, cfg.resolution]
         copied.append(f"input resized to {cfg.resolution} px")
+    if cfg.stem_stride is not None:
+        new["stem_stride"] = cfg.stem_stride
+        copied.append(f"first convolution at stride {cfg.stem_stride}")
     module = build(new)
     module.load_state_dict(teacher.state_dict())
     if cfg.blocks is not None:

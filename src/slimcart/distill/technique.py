@@ -191,7 +191,8 @@ def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
     report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
 
 
-def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, size) -> None:
+def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, size,
+                     stride=None) -> None:
     """MACs and parameters of teacher and student at one input (Torch-Pruning's counter, which sees
     the student's resize and its removed blocks), in the stats the channel-pruned student reports."""
     from ..prune.structured import count
@@ -201,6 +202,10 @@ def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: Stage
     report.stats["student_narrowed"] = {"params_before": pb, "params_after": pa, "macs_before": mb, "macs_after": ma}
     if size:
         report.changed["input"] = f"student: resized to {size[0]}x{size[1]} px inside the model"
+    if stride:
+        from ..models.stem_stride import stem
+
+        report.changed[stem(student)[0]] = f"student: stride {stride} (the teacher's: {stem(teacher)[1].stride[0]})"
 
 
 def _masked_copy(teacher: nn.Module, task, cfg: DistillConfig, kind: str) -> LossTerm:
@@ -239,8 +244,8 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         _shrink(built, cfg.student, ctx, report)
         student = built.module
     example = task.example_inputs(4, "val")
-    if cfg.student.resolution or cfg.student.blocks:  # against the teacher, after every change
-        _resolution_macs(teacher, student, task, report, built.spec.get("input_resize"))
+    if cfg.student.resolution or cfg.student.blocks or cfg.student.stem_stride:  # against the teacher
+        _resolution_macs(teacher, student, task, report, built.spec.get("input_resize"), built.spec.get("stem_stride"))
     with torch.no_grad():
         t_out, s_out = teacher(*example), student.eval()(*example)
     if t_out.shape != s_out.shape:

@@ -75,6 +75,11 @@ def _transforms(model: torch.nn.Module, model_spec: dict[str, Any]) -> torch.nn.
         from .drop_blocks import apply_kept_blocks
 
         apply_kept_blocks(model, model_spec["kept_blocks"])
+    if model_spec.get("stem_stride"):
+        # an image network whose first convolution takes longer steps (a lower-resolution student)
+        from .stem_stride import apply_stem_stride
+
+        apply_stem_stride(model, model_spec["stem_stride"])
     if model_spec.get("reshape"):
         # a structurally pruned model: the base architecture with some layers narrowed
         from .reshape import apply_reshape
