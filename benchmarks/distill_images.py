@@ -27,21 +27,25 @@ from slimcart.recipe import MeasureConfig, Recipe  # noqa: E402
 
 FOLD = [{"type": "fold_bn", "max_abs_error": 1e-4}]
 # the student of the shipped recipe product_image/distill-shallow
-SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "crop": 0.6, "epochs": 8.0, "lr": 1e-3, "hidden": 0.0}
+SHIPPED = {"blocks": [1, 1, 1, 1, 1, 1, 1], "resolution": 160, "stem_stride": 0, "crop": 0.6, "epochs": 8.0, "lr": 1e-3,
+           "hidden": 0.0}
 
 
 def student_recipe(name: str, distilled: bool, blocks: list[int] | None, resolution: int, epochs: float,
-                   lr: float | None, crop: float = 0.0, hidden: float = 0.0) -> Recipe:
+                   lr: float | None, crop: float = 0.0, hidden: float = 0.0, stem_stride: int = 0) -> Recipe:
     """Distil (labels only: alpha 1) into the teacher with ``blocks`` per stage at ``resolution`` px
-    (with ``crop``: also on crop-and-flip copies the teacher scores), then fold BatchNorm."""
-    student = {"resolution": resolution, **({"blocks": blocks} if blocks else {})}
+    (0: the teacher's) and its first convolution at ``stem_stride`` (0: the teacher's) (with ``crop``:
+    also on crop-and-flip copies the teacher scores), then fold BatchNorm."""
+    student = {**({"resolution": resolution} if resolution else {}), **({"blocks": blocks} if blocks else {}),
+               **({"stem_stride": stem_stride} if stem_stride else {})}
     stage = {"type": "distill", "student": student, "epochs": epochs, "temperature": 4.0,
              "alpha": 0.3 if distilled else 1.0, "augment_crop": crop if distilled else 0.0,
              "hidden_loss": hidden if distilled else 0.0,
              **({"lr": lr} if lr else {})}
-    shape = f"{blocks} blocks per stage at " if blocks else "full depth at "
+    shape = (f"{blocks} blocks per stage at " if blocks else "full depth at ") + \
+        (f"stem stride {stem_stride}, " if stem_stride else "")
     return Recipe.from_dict({"name": name, "version": 1, "stages": [stage] + FOLD,
-                             "description": (f"student: the teacher with {shape}{resolution} px, " +
+                             "description": (f"student: the teacher with {shape}{resolution or 224} px, " +
                                              ("distilled from the teacher" if distilled else "labels only") +
                                              (f", plus crop-and-flip copies (>= {crop:g} of each side)" if crop and distilled else "") +
                                              (f", pooled features matched (weight {hidden:g})" if hidden and distilled else "") +
@@ -67,7 +71,9 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench", type=Path)
     ap.add_argument("--blocks", default=SHIPPED["blocks"], type=lambda v: [int(b) for b in v.split(",")],
                     help="blocks kept per stage, comma-separated (EfficientNet-Lite0 has 1,2,2,3,3,4,1)")
-    ap.add_argument("--resolution", default=SHIPPED["resolution"], type=int)
+    ap.add_argument("--resolution", default=SHIPPED["resolution"], type=int, help="0: no resize (224 px)")
+    ap.add_argument("--stem-stride", dest="stem_stride", default=SHIPPED["stem_stride"], type=int,
+                    help="stride of the students' first convolution (0: the teacher's, 2)")
     ap.add_argument("--crop", default=SHIPPED["crop"], type=float, help="augment_crop of the distilled student")
     ap.add_argument("--epochs", default=SHIPPED["epochs"], type=float)
     ap.add_argument("--lr", default=SHIPPED["lr"], type=float, help="learning rate of both students")
@@ -79,16 +85,17 @@ def main() -> None:
     args = ap.parse_args()
     data = grocery_store()
     t0 = time.time()
-    tag = f"r{args.resolution}"
+    tag = f"r{args.resolution or 224}" + (f"-s{args.stem_stride}" if args.stem_stride else "")
     distilled = []
     for h in args.hidden:
         given = {**{k: getattr(args, k) for k in SHIPPED}, "hidden": h}
         distilled.append("product_image/distill-shallow" if given == SHIPPED else
                          student_recipe(f"distill-{tag}" + (f"-feat{h:g}" if h else ""), True, args.blocks,
-                                        args.resolution, args.epochs, args.lr, args.crop, h))
+                                        args.resolution, args.epochs, args.lr, args.crop, h, args.stem_stride))
     recipes = ["product_image/onnx", *distilled]
     if not args.no_labels_only:
-        recipes.append(student_recipe(f"labels-only-{tag}", False, args.blocks, args.resolution, args.epochs, args.lr))
+        recipes.append(student_recipe(f"labels-only-{tag}", False, args.blocks, args.resolution, args.epochs, args.lr,
+                                      stem_stride=args.stem_stride))
     measure = MeasureConfig(batch_sizes=[1, 64], runtimes=["torch", "onnxruntime"], deployed=False,
                             memory=False, throughput_seconds=0)
     text, res = run_section("product_image", str(data), recipes, args.runs, "distill", measure=measure)
@@ -112,7 +119,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     shipped = all(r == "product_image/distill-shallow" for r in distilled)
     args.out.write_text("## Distillation: real product photos"
-                        + ("" if shipped else f" (students at {args.resolution} px"
+                        + ("" if shipped else f" (students at {args.resolution or 224} px"
+                           + (f", stem stride {args.stem_stride}" if args.stem_stride else "")
                            + (", pooled features matched" if any(args.hidden) else "") + ")") + "\n\n"
                         "Speedups against the fp32 teacher in the same runtime, paired 95% intervals, same run. "
                         "MACs from the student's stage (Torch-Pruning's counter at one image). Teacher: "
