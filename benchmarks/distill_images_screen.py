@@ -50,7 +50,9 @@ def render(lines: list[dict]) -> str:
             "one standard error of a test accuracy near 84% is 0.7 points, and the 220 validation photos "
             "are near saturation, so differences under a point are not measured differences. `pooled features` "
             "is the weight of the MSE to the teacher's pooled features (`hidden_loss`); rows with it trained in "
-            "the channels-last layout, so their `train s` is not comparable with the rows above them.\n\n"
+            "the channels-last layout, so their `train s` is not comparable with the rows above them. `stem stride` "
+            "is the stride of the student's first convolution (the teacher's is 2; 3 on the 224 px photos gives "
+            "75 x 75 feature maps, as a 150 px input would, with no resize in the model).\n\n"
             + markdown_table(rows) + "\n")
 
 

@@ -1,7 +1,7 @@
 """A pretrained image network whose first convolution (the stem) moves over the photo in longer
 steps: every feature map after it is smaller, as at a lower resolution, without resizing the input.
-A resize is an operator of its own at batch 1 (8-13% of a 160 px EfficientNet-Lite0 student's time
-in ONNX Runtime, measured here); a longer stem stride costs nothing. The weights keep their shapes
+A resize is an operator of its own at batch 1 (about 9% of a 160 px EfficientNet-Lite0 student's
+time in ONNX Runtime's profiler); a longer stem stride costs nothing. The weights keep their shapes
 and names; timm's ``Conv2dSame`` computes its "same" padding from the stride, a plain ``Conv2d``
 keeps its padding."""
 from __future__ import annotations
