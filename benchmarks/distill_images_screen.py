@@ -31,7 +31,8 @@ def stage(args) -> dict:
                **({"stem_stride": args.stem_stride} if args.stem_stride else {})}
     return {"type": "distill", "student": student,
             "epochs": args.epochs, "lr": args.lr, "alpha": args.alpha, "temperature": args.temperature,
-            "augment_crop": args.crop, "augment_mixup": args.mixup, "hidden_loss": args.hidden}
+            "augment_crop": args.crop, "augment_mixup": args.mixup, "hidden_loss": args.hidden,
+            **({"seed": args.seed} if args.seed else {})}
 
 
 def render(lines: list[dict]) -> str:
@@ -40,7 +41,7 @@ def render(lines: list[dict]) -> str:
              "MACs vs teacher": f"{d['macs']:.3f}",
              "epochs": f"{d['stage']['epochs']:g}", "lr": f"{d['stage']['lr']:g}", "alpha": f"{d['stage']['alpha']:g}",
              "T": f"{d['stage']['temperature']:g}", "crop": f"{d['stage']['augment_crop']:g}",
-             "mixup": f"{d['stage']['augment_mixup']:g}", "pooled features": f"{d['stage'].get('hidden_loss', 0):g}",
+             "mixup": f"{d['stage']['augment_mixup']:g}", "seed": d["stage"].get("seed", 0), "pooled features": f"{d['stage'].get('hidden_loss', 0):g}",
              "val accuracy": f"{d['val']['accuracy']:.3f}",
              "test accuracy": f"{d['test']['accuracy'] * 100:.2f}%", "train s": d["seconds"], "threads": d["threads"]}
             for d in lines]
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--mixup", default=0.0, type=float, help="augment_mixup")
     ap.add_argument("--hidden", default=0.0, type=float,
                     help="hidden_loss: weight of the MSE to the teacher's pooled features")
+    ap.add_argument("--seed", default=0, type=int, help="the student's seed (its crops, batches and fresh layers)")
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--results", default=RESULTS, type=Path, help="folder of the .jsonl log and the .md table")
     args = ap.parse_args()
