@@ -359,7 +359,7 @@ def test_lower_resolution_student_resizes_inside_the_model(tmp_path):
             return (torch.rand(batch, 3, 64, 64),)
 
     report = StageReport("distill", {})
-    _resolution_macs(teacher, st.module, Images(), report, st.spec["input_resize"])
+    _resolution_macs(teacher, st.module, Images(), report, st.spec)
     narrow = report.stats["student_narrowed"]
     assert narrow["params_after"] == narrow["params_before"]
     assert 0.2 < narrow["macs_after"] / narrow["macs_before"] < 0.3  # a quarter of the pixels

@@ -191,15 +191,16 @@ def _shrink(built, scfg: StudentConfig, ctx: StageContext, report: StageReport) 
     report.changed.update({k: f"student: {v}" for k, v in rep.changed.items()})
 
 
-def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, size,
-                     stride=None) -> None:
+def _resolution_macs(teacher: nn.Module, student: nn.Module, task, report: StageReport, spec: dict) -> None:
     """MACs and parameters of teacher and student at one input (Torch-Pruning's counter, which sees
-    the student's resize and its removed blocks), in the stats the channel-pruned student reports."""
+    the student's resize, stem stride and removed blocks), in the stats the channel-pruned student
+    reports; ``spec`` is the student's, naming its resize and stem stride."""
     from ..prune.structured import count
 
     one = task.example_inputs(1, "val")
     (mb, pb), (ma, pa) = count(teacher, one), count(student, one)
     report.stats["student_narrowed"] = {"params_before": pb, "params_after": pa, "macs_before": mb, "macs_after": ma}
+    size, stride = spec.get("input_resize"), spec.get("stem_stride")
     if size:
         report.changed["input"] = f"student: resized to {size[0]}x{size[1]} px inside the model"
     if stride:
@@ -245,7 +246,7 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         student = built.module
     example = task.example_inputs(4, "val")
     if cfg.student.resolution or cfg.student.blocks or cfg.student.stem_stride:  # against the teacher
-        _resolution_macs(teacher, student, task, report, built.spec.get("input_resize"), built.spec.get("stem_stride"))
+        _resolution_macs(teacher, student, task, report, built.spec)
     with torch.no_grad():
         t_out, s_out = teacher(*example), student.eval()(*example)
     if t_out.shape != s_out.shape:
