@@ -32,7 +32,7 @@ def stage(args) -> dict:
     return {"type": "distill", "student": student,
             "epochs": args.epochs, "lr": args.lr, "alpha": args.alpha, "temperature": args.temperature,
             "augment_crop": args.crop, "augment_mixup": args.mixup, "hidden_loss": args.hidden,
-            **({"seed": args.seed} if args.seed else {})}
+            **({"seed": args.seed} if args.seed else {}), **({"soup": args.soup} if args.soup > 1 else {})}
 
 
 def render(lines: list[dict]) -> str:
@@ -41,7 +41,7 @@ def render(lines: list[dict]) -> str:
              "MACs vs teacher": f"{d['macs']:.3f}",
              "epochs": f"{d['stage']['epochs']:g}", "lr": f"{d['stage']['lr']:g}", "alpha": f"{d['stage']['alpha']:g}",
              "T": f"{d['stage']['temperature']:g}", "crop": f"{d['stage']['augment_crop']:g}",
-             "mixup": f"{d['stage']['augment_mixup']:g}", "seed": d["stage"].get("seed", 0), "pooled features": f"{d['stage'].get('hidden_loss', 0):g}",
+             "mixup": f"{d['stage']['augment_mixup']:g}", "seed": d["stage"].get("seed", 0), "soup": d["stage"].get("soup", 1), "pooled features": f"{d['stage'].get('hidden_loss', 0):g}",
              "val accuracy": f"{d['val']['accuracy']:.3f}",
              "test accuracy": f"{d['test']['accuracy'] * 100:.2f}%", "train s": d["seconds"], "threads": d["threads"]}
             for d in lines]
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--hidden", default=0.0, type=float,
                     help="hidden_loss: weight of the MSE to the teacher's pooled features")
     ap.add_argument("--seed", default=0, type=int, help="the student's seed (its crops, batches and fresh layers)")
+    ap.add_argument("--soup", default=1, type=int,
+                    help="students averaged (seeds seed, seed+1, ...; BatchNorm recomputed): soup")
     ap.add_argument("--threads", default=2, type=int)
     ap.add_argument("--results", default=RESULTS, type=Path, help="folder of the .jsonl log and the .md table")
     args = ap.parse_args()
@@ -95,6 +97,8 @@ def main() -> None:
     line = {"stage": stage(args), "macs": macs["macs_after"] / macs["macs_before"], "val": task.evaluate(out.torch_model, "val"),
             "test": task.evaluate(out.torch_model, "test"), "seconds": seconds, "threads": args.threads,
             "cpu": environment()["cpu"]}
+    if "soup" in reports[0].stats:  # validation accuracy of each averaged student
+        line["soup_students_val"] = reports[0].stats["soup"]["students_val"]
     print(json.dumps(line))
     args.results.mkdir(parents=True, exist_ok=True)
     log = args.results / "distill_images_screen.jsonl"

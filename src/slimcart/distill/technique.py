@@ -11,6 +11,7 @@ batch), with per-epoch checkpoints when the stage context has a checkpoint folde
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -52,6 +53,10 @@ class DistillConfig(TechniqueConfig):
         "images: the crop copies are also blended with another photo of the batch, the weight drawn "
         "from Beta(augment_mixup, augment_mixup); needs augment_crop > 0 (0: no blending)"))
     seed: int = 0
+    soup: int = Field(default=1, ge=1, le=8, description=(
+        "train this many students (seeds seed, seed+1, ...) from the same start and serve the uniform "
+        "average of their weights, BatchNorm statistics recomputed on the training split (a model "
+        "soup: same size and speed, k times the training)"))
 
     @model_validator(mode="after")
     def _mixup_needs_crops(self):
@@ -229,9 +234,58 @@ def _params(model: nn.Module) -> int:
           summary="Knowledge distillation into a smaller student (layers, width, embedding dim)")
 def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageReport:
     report = StageReport("distill", cfg.model_dump())
-    task = ctx.task
-    if task is None:
+    if ctx.task is None:
         raise UsageError("distill needs a task: the student trains on its data.")
+    runs: list[_Run] = []
+    for i in range(cfg.soup):
+        runs.append(_train_student(state, cfg.model_copy(update={"seed": cfg.seed + i}), ctx, report,
+                                   runs[0].cache if runs else None, "distill" if i == 0 else f"distill-soup{i}"))
+    run = runs[0]
+    student, built, rec, task = run.student, run.built, run.rec, ctx.task
+    if len(runs) > 1:
+        from .soup import average_into
+
+        report.stats["soup"] = average_into(student, [r.student for r in runs[1:]], task,
+                                            [r.rec["val"] for r in runs])
+        rec = {**rec, "val": report.stats["soup"]["val"]}
+    teacher = state.torch_model
+    before, after = _params(teacher), _params(student)
+    report.changed["model"] = f"student: {before:,} -> {after:,} parameters"
+    for line in built.copied:
+        report.changed[line.split(" <- ")[0]] = f"initialised from the teacher's {line.split(' <- ')[-1]}"
+    for n in run.frozen:
+        report.skipped[n] = "kept fixed during distillation (freeze_embeddings)"
+    report.stats.update(
+        params_teacher=before, params_student=after, param_reduction=round(1 - after / before, 4),
+        teacher_cache_s=round(run.cache.seconds, 1), soft_loss=run.kind,
+        terms={t.name: t.weight for t in run.terms}, layer_pairs=run.pairs,
+        train={k: rec[k] for k in ("steps", "epochs", "seconds", "final_loss", "terms", "resumed_from_step")},
+        student_val=rec["val"])
+    m = task.primary_metric
+    report.notes.append(f"distilled into a student with {after / before:.1%} of the teacher's parameters; "
+                        f"validation {m} {report.stats['teacher_val'][m]:.4f} (teacher) -> {rec['val'][m]:.4f}"
+                        + (f" (the average of {len(runs)} students)" if len(runs) > 1 else ""))
+    state.torch_model, state.spec = student, built.spec
+    return report
+
+
+@dataclass
+class _Run:
+    student: nn.Module
+    built: object
+    rec: dict
+    cache: TeacherOutputs
+    terms: list
+    pairs: dict
+    kind: str
+    frozen: list
+
+
+def _train_student(state: ModelState, cfg: DistillConfig, ctx: StageContext, report: StageReport,
+                   cache: TeacherOutputs | None, name: str) -> _Run:
+    """Build one student (seed ``cfg.seed``) and train it; ``cache``: the teacher's outputs of an
+    earlier student of the same stage, reused."""
+    task = ctx.task
     teacher = state.torch_model.eval()
     torch.manual_seed(cfg.seed)  # the student's fresh layers start the same whatever ran before
     built = make_student(teacher, state.spec, cfg.student)
@@ -289,7 +343,8 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
         # (e.g. 4 heads of 32) is not a multiple of it
         rel_heads = losses.relation_heads(built.heads[1], *widths)
         report.stats["relation_heads"] = rel_heads
-    cache = teacher_outputs(teacher, task, names)
+    if cache is None:
+        cache = teacher_outputs(teacher, task, names)
 
     terms: list[LossTerm] = []
     if cfg.alpha > 0:
@@ -325,8 +380,9 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
                 frozen.append(n)
         if not frozen:
             raise UsageError("distill: freeze_embeddings is for models with word embeddings; this one has none.")
-    report.stats["teacher_val"] = task.evaluate(teacher, "val")
-    report.stats["student_val_before"] = task.evaluate(student, "val")
+    if "teacher_val" not in report.stats:  # once for a soup's students
+        report.stats["teacher_val"] = task.evaluate(teacher, "val")
+        report.stats["student_val_before"] = task.evaluate(student, "val")
     base = task.train_config("full")
     update = {"epochs": cfg.epochs, "seed": cfg.seed}
     if cfg.lr is not None:
@@ -339,26 +395,9 @@ def distill(state: ModelState, cfg: DistillConfig, ctx: StageContext) -> StageRe
     student.distill_adapters = adapters  # trained with the student, removed before it is saved
     try:
         rec = task.train_model(student, train_cfg, terms=terms, capture=capture,
-                               progress=ctx.progress, desc="distill", **ctx.train_checkpoint("distill"))
+                               progress=ctx.progress, desc=name, **ctx.train_checkpoint(name))
     finally:
         del student.distill_adapters
         for p in student.parameters():
             p.requires_grad_(True)
-    student.eval()
-    before, after = _params(teacher), _params(student)
-    report.changed["model"] = f"student: {before:,} -> {after:,} parameters"
-    for line in built.copied:
-        report.changed[line.split(" <- ")[0]] = f"initialised from the teacher's {line.split(' <- ')[-1]}"
-    for n in frozen:
-        report.skipped[n] = "kept fixed during distillation (freeze_embeddings)"
-    report.stats.update(
-        params_teacher=before, params_student=after, param_reduction=round(1 - after / before, 4),
-        teacher_cache_s=round(cache.seconds, 1), soft_loss=kind,
-        terms={t.name: t.weight for t in terms}, layer_pairs=pairs,
-        train={k: rec[k] for k in ("steps", "epochs", "seconds", "final_loss", "terms", "resumed_from_step")},
-        student_val=rec["val"])
-    m = task.primary_metric
-    report.notes.append(f"distilled into a student with {after / before:.1%} of the teacher's parameters; "
-                        f"validation {m} {report.stats['teacher_val'][m]:.4f} (teacher) -> {rec['val'][m]:.4f}")
-    state.torch_model, state.spec = student, built.spec
-    return report
+    return _Run(student.eval(), built, rec, cache, terms, pairs, kind, frozen)
